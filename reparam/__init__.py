@@ -1,0 +1,16 @@
+"""reparam: exact structural re-parameterization of multi-branch CNNs (core algebra + torch/ONNX frontends)."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "fuse", "verify"]
+
+
+def __getattr__(name: str):
+    # torch is an optional extra: reparam.fuse / reparam.verify import it only when asked for.
+    if name in ("fuse", "verify", "FuseReport"):
+        from . import fx
+
+        return getattr(fx, name)
+    raise AttributeError(f"module 'reparam' has no attribute {name!r}")

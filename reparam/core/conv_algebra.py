@@ -1,0 +1,266 @@
+"""The weight algebra on :class:`Conv` values, float64 in and out.
+
+Public wrappers in :mod:`reparam.core.rules` add dtype handling; this module holds the math.
+Conventions: for spatial dim ``i`` a conv reads, for output index ``u``, the input positions
+``u*stride - pad_begin + j*dilation`` for ``j < k``.  Two convs give equal output sizes for every input
+size iff ``pad_begin + pad_end - dilation*(k-1)`` is equal (given equal strides).
+"""
+
+from __future__ import annotations
+
+import itertools
+from math import gcd
+
+import numpy as np
+
+from .errors import NotFusable
+from .types import Affine, AvgPool, Conv, Pad
+
+
+def _gcd_all(values, default: int = 1) -> int:
+    g = 0
+    for v in values:
+        g = gcd(g, int(v))
+    return g or default
+
+
+def reach(conv: Conv, dim: int) -> int:
+    """``pad_begin + pad_end - dilation*(k-1)``: equal across convs iff their output sizes always agree."""
+    (b, e), d, k = conv.padding[dim], conv.dilation[dim], conv.kernel_size[dim]
+    return b + e - d * (k - 1)
+
+
+def fold_affine(conv: Conv, affine: Affine) -> Conv:
+    """``affine(conv(x))`` as one conv: scale the output channels, then shift the bias."""
+    n = conv.out_channels
+    s, t = affine.scale_for(n), affine.shift_for(n)
+    w = conv.weight * s.reshape((n,) + (1,) * (conv.weight.ndim - 1))
+    return conv.with_(weight=w, bias=conv.bias_or_zeros() * s + t)
+
+
+def identity(channels: int, ndim: int) -> Conv:
+    """The identity as a depthwise 1x..x1 conv."""
+    return Conv(np.ones((channels, 1) + (1,) * ndim), None, groups=channels)
+
+
+def affine_conv(affine: Affine, channels: int, ndim: int) -> Conv:
+    """A per-channel affine as a depthwise 1x..x1 conv."""
+    return fold_affine(identity(channels, ndim), affine)
+
+
+def regroup(conv: Conv, groups: int) -> Conv:
+    """Re-express ``conv`` with fewer groups (a divisor of its own) by block-diagonal expansion."""
+    g = conv.groups
+    if groups == g:
+        return conv
+    if groups < 1 or g % groups:
+        raise NotFusable(f"cannot regroup a conv with groups={g} into groups={groups} (not a divisor)")
+    out, in_g = conv.out_channels, conv.weight.shape[1]
+    per = g // groups  # source groups inside one target group
+    w = np.zeros((out, in_g * per) + conv.kernel_size, conv.weight.dtype)
+    out_g = out // g
+    for src in range(g):
+        local = src % per
+        rows = slice(src * out_g, (src + 1) * out_g)
+        w[rows, local * in_g:(local + 1) * in_g] = conv.weight[rows]
+    return conv.with_(weight=w, groups=groups)
+
+
+def place(conv: Conv, start: tuple[int, ...], dilation: tuple[int, ...], kernel: tuple[int, ...]) -> Conv:
+    """Re-express ``conv`` on a window of ``kernel`` taps at ``dilation`` starting at input offset ``start``.
+
+    Exact (for every padding mode) when each tap of ``conv`` lands on a tap of the new window; the padding
+    is adjusted so the output size is unchanged.
+    """
+    nd = conv.ndim
+    index, pads = [], []
+    for i in range(nd):
+        (b, e), d, k = conv.padding[i], conv.dilation[i], conv.kernel_size[i]
+        offs = -b + d * np.arange(k)
+        rel = offs - start[i]
+        if np.any(rel % dilation[i]) or np.any(rel < 0) or np.any(rel // dilation[i] >= kernel[i]):
+            raise NotFusable(
+                f"dim {i}: taps at offsets {offs.tolist()} do not fit a window of {kernel[i]} taps at "
+                f"dilation {dilation[i]} starting at {start[i]}")
+        index.append(rel // dilation[i])
+        new_b = -start[i]
+        new_e = reach(conv, i) + dilation[i] * (kernel[i] - 1) - new_b
+        if new_e < 0:
+            raise NotFusable(f"dim {i}: the window would need negative end padding {new_e}")
+        pads.append((new_b, new_e))
+    w = np.zeros(conv.weight.shape[:2] + tuple(kernel), conv.weight.dtype)
+    w[(slice(None), slice(None), *np.ix_(*index))] = conv.weight
+    return conv.with_(weight=w, padding=tuple(pads), dilation=tuple(dilation))
+
+
+def pad_kernel(conv: Conv, kernel_size: tuple[int, ...], offset: tuple[int, ...] | None = None) -> Conv:
+    """Zero-pad the kernel to ``kernel_size``, adding ``offset[i]`` taps before (default: centered).
+
+    The conv's padding grows by the same amount, so the result computes exactly the same function.
+    """
+    nd = conv.ndim
+    kernel_size = tuple(int(k) for k in kernel_size)
+    if len(kernel_size) != nd:
+        raise NotFusable(f"kernel_size {kernel_size} has {len(kernel_size)} dims, the conv has {nd}")
+    if offset is None:
+        offset = []
+        for i, (big, k) in enumerate(zip(kernel_size, conv.kernel_size)):
+            if (big - k) % 2:
+                raise NotFusable(
+                    f"dim {i}: padding a {k}-tap kernel to {big} taps cannot be centered "
+                    f"(odd difference {big - k}); give an explicit offset")
+            offset.append((big - k) // 2)
+    offset = tuple(int(o) for o in offset)
+    for i, (big, k, o) in enumerate(zip(kernel_size, conv.kernel_size, offset)):
+        if big < k or o < 0 or o + k > big:
+            raise NotFusable(f"dim {i}: cannot place a {k}-tap kernel at offset {o} inside {big} taps")
+    start = tuple(-conv.padding[i][0] - offset[i] * conv.dilation[i] for i in range(nd))
+    return place(conv, start, conv.dilation, kernel_size)
+
+
+def _merged_mode(convs: list[Conv], what: str) -> str:
+    """Padding mode of a merged conv: convs that never read padding accept any mode."""
+    modes = {c.padding_mode for c in convs if c.is_padded and c.padding_mode != "zeros"}
+    zero_padded = any(c.is_padded and c.padding_mode == "zeros" for c in convs)
+    if len(modes) > 1 or (modes and zero_padded):
+        found = sorted(modes | ({"zeros"} if zero_padded else set()))
+        raise NotFusable(f"{what}: padding modes differ between padded branches: {found}")
+    return modes.pop() if modes else "zeros"
+
+
+def sum_convs(convs: list[Conv]) -> Conv:
+    """One conv computing the sum of convs applied to the same input.
+
+    Legal when channels, ndim and stride agree and every output size agrees for every input size. The
+    merged window is the union of the branches' windows, at the gcd of their dilations; grouped kernels
+    expand block-diagonally to the gcd of the groups.
+    """
+    if not convs:
+        raise NotFusable("nothing to sum")
+    if len(convs) == 1:
+        return convs[0]
+    first = convs[0]
+    for c in convs[1:]:
+        for attr in ("ndim", "in_channels", "out_channels", "stride"):
+            if getattr(c, attr) != getattr(first, attr):
+                raise NotFusable(
+                    f"branch sum: {attr} differs ({getattr(first, attr)} vs {getattr(c, attr)})")
+    nd = first.ndim
+    for i in range(nd):
+        reaches = [reach(c, i) for c in convs]
+        if len(set(reaches)) > 1:
+            desc = [f"k={c.kernel_size[i]} pad={c.padding[i]} dil={c.dilation[i]}" for c in convs]
+            raise NotFusable(f"branch sum: windows do not align in dim {i}; output sizes differ "
+                             f"({'; '.join(desc)})")
+    mode = _merged_mode(convs, "branch sum")
+    groups = _gcd_all(c.groups for c in convs)
+    start, dil, kern = [], [], []
+    for i in range(nd):
+        starts = [-c.padding[i][0] for c in convs]
+        ends = [-c.padding[i][0] + c.dilation[i] * (c.kernel_size[i] - 1) for c in convs]
+        s0 = min(starts)
+        d = _gcd_all([c.dilation[i] for c in convs if c.kernel_size[i] > 1] + [s - s0 for s in starts])
+        start.append(s0)
+        dil.append(d)
+        kern.append((max(ends) - s0) // d + 1)
+    start, dil, kern = tuple(start), tuple(dil), tuple(kern)
+    weight = None
+    bias = np.zeros(first.out_channels)
+    any_bias = False
+    for c in convs:
+        p = place(regroup(c, groups), start, dil, kern)
+        weight = p.weight.copy() if weight is None else weight + p.weight
+        if c.bias is not None:
+            any_bias = True
+            bias = bias + c.bias
+    return p.with_(weight=weight, bias=bias if any_bias else None, padding_mode=mode)
+
+
+def compose(a: Conv, b: Conv) -> Conv:
+    """One conv computing ``b(a(x))``.
+
+    Always exact when ``b`` does not pad.  When ``b`` pads with zeros, ``a``'s output at the border must
+    be zero, so ``a`` must be pointwise and bias-free, padding (if at all) with zeros; when ``b`` pads with a non-zero mode,
+    ``a`` must be pointwise, unpadded and stride 1 (a pointwise map commutes with reflect/replicate/
+    circular padding).  Stride composes as ``sa*sb`` with ``b`` dilated by ``sa``.
+    """
+    if a.ndim != b.ndim:
+        raise NotFusable(f"compose: spatial dims differ ({a.ndim} vs {b.ndim})")
+    if a.out_channels != b.in_channels:
+        raise NotFusable(f"compose: {a.out_channels} channels feed a conv expecting {b.in_channels}")
+    if b.is_padded:
+        why = []
+        if not a.is_pointwise:
+            why.append(f"the first has kernel {a.kernel_size}")
+        if b.padding_mode == "zeros":
+            if a.is_padded and a.padding_mode != "zeros":
+                why.append(f"the first pads {a.padding} in {a.padding_mode} mode")
+            if a.bias is not None and np.any(a.bias != 0):
+                why.append(f"the first has a non-zero bias (max |b| {np.abs(a.bias).max():.3g}), "
+                           "which the second conv's zero padding does not see")
+        else:
+            if a.is_padded:
+                why.append(f"the first pads {a.padding}")
+            if any(s != 1 for s in a.stride):
+                why.append(f"the first has stride {a.stride} under {b.padding_mode} padding")
+        if why:
+            raise NotFusable(f"compose: the second conv pads {b.padding} ({b.padding_mode}) but "
+                             + "; ".join(why) + "; the border would differ")
+        mode = b.padding_mode
+    else:
+        mode = a.padding_mode if a.is_padded else "zeros"
+
+    nd = a.ndim
+    groups = gcd(a.groups, b.groups)
+    a, b = regroup(a, groups), regroup(b, groups)
+    sa, sb = a.stride, b.stride
+    tap_a = [a.dilation[i] if a.kernel_size[i] > 1 else 0 for i in range(nd)]
+    tap_b = [b.dilation[i] * sa[i] if b.kernel_size[i] > 1 else 0 for i in range(nd)]
+    dil = tuple(_gcd_all([tap_a[i], tap_b[i]]) for i in range(nd))
+    kern = tuple(((b.kernel_size[i] - 1) * b.dilation[i] * sa[i] + (a.kernel_size[i] - 1) * a.dilation[i])
+                 // dil[i] + 1 for i in range(nd))
+    c3, c1 = b.out_channels, a.in_channels
+    og, ig, mg = c3 // groups, c1 // groups, a.out_channels // groups
+    wa = a.weight.reshape((groups, mg, ig) + a.kernel_size)
+    wb = b.weight.reshape((groups, og, mg) + b.kernel_size)
+    w = np.zeros((groups, og, ig) + kern)
+    a_step = tuple(a.dilation[i] // dil[i] if a.kernel_size[i] > 1 else 1 for i in range(nd))
+    for jb in itertools.product(*(range(k) for k in b.kernel_size)):
+        part = np.einsum("goc,gci...->goi...", wb[(Ellipsis, *jb)], wa)
+        at = tuple(jb[i] * b.dilation[i] * sa[i] // dil[i] for i in range(nd))
+        sl = tuple(slice(at[i], at[i] + a_step[i] * (a.kernel_size[i] - 1) + 1, a_step[i]) for i in range(nd))
+        w[(slice(None), slice(None), slice(None), *sl)] += part
+    bias = None
+    if a.bias is not None or b.bias is not None:
+        ksum = wb.sum(axis=tuple(range(3, 3 + nd)))  # [g, og, mg]
+        ab = a.bias_or_zeros().reshape(groups, mg)
+        bias = np.einsum("goc,gc->go", ksum, ab).reshape(c3) + b.bias_or_zeros()
+    pad = tuple((a.padding[i][0] + sa[i] * b.padding[i][0], a.padding[i][1] + sa[i] * b.padding[i][1])
+                for i in range(nd))
+    return Conv(w.reshape((c3, ig) + kern), bias, stride=tuple(sa[i] * sb[i] for i in range(nd)),
+                padding=pad, dilation=dil, groups=groups, padding_mode=mode)
+
+
+def avgpool_conv(pool: AvgPool, channels: int) -> Conv:
+    """Average pooling as a depthwise conv; exact when padded cells count or there is no padding."""
+    padded = any(p for pair in pool.padding for p in pair)
+    if pool.ceil_mode:
+        raise NotFusable("average pooling with ceil_mode=True has a partial last window whose divisor "
+                         "differs from a conv's")
+    if padded and not pool.count_include_pad and pool.divisor_override is None:
+        raise NotFusable("average pooling with count_include_pad=False divides border windows by fewer "
+                         "cells; no conv computes that")
+    divisor = pool.divisor_override or int(np.prod(pool.kernel_size))
+    w = np.full((channels, 1) + pool.kernel_size, 1.0 / divisor)
+    return Conv(w, None, stride=pool.stride, padding=pool.padding, groups=channels)
+
+
+def pad_conv(pad: Pad, channels: int) -> Conv:
+    """Spatial padding as an identity conv that pads: zeros/constant 0, reflect, replicate or circular."""
+    mode = {"constant": "zeros"}.get(pad.mode, pad.mode)
+    if mode == "zeros" and pad.value != 0:
+        raise NotFusable(f"constant padding with value {pad.value} is not linear-homogeneous; only 0 folds")
+    if any(p < 0 for pair in pad.padding for p in pair):
+        raise NotFusable(f"negative padding {pad.padding} (a crop) is not folded")
+    nd = len(pad.padding)
+    return identity(channels, nd).with_(padding=pad.padding, padding_mode=mode)

@@ -1,0 +1,45 @@
+"""The float64 policy: every rule computes in float64 and casts back once, refusing non-finite results."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import NotFusable
+from .types import Conv
+
+
+def f64(a: np.ndarray | None) -> np.ndarray | None:
+    """``a`` as float64 (bfloat16 arrays from ml_dtypes convert through float32 exactly)."""
+    if a is None:
+        return None
+    a = np.asarray(a)
+    if a.dtype == np.float64:
+        return a
+    if a.dtype.kind not in "fiub":  # ml_dtypes' bfloat16 reports kind 'V'
+        a = a.astype(np.float32)
+    return a.astype(np.float64)
+
+
+def conv64(conv: Conv) -> Conv:
+    """The same conv with float64 weight and bias."""
+    if conv.weight.dtype == np.float64 and (conv.bias is None or conv.bias.dtype == np.float64):
+        return conv
+    return conv.with_(weight=f64(conv.weight), bias=f64(conv.bias))
+
+
+def cast_array(a: np.ndarray, dtype, what: str) -> np.ndarray:
+    """Cast a float64 result to ``dtype``; a non-finite value, before or after the cast, is refused."""
+    if not np.all(np.isfinite(a)):
+        raise NotFusable(f"{what} has non-finite values after folding (overflow or NaN in the inputs)")
+    out = a.astype(dtype)
+    if not np.all(np.isfinite(f64(out))):
+        raise NotFusable(f"{what} overflows {np.dtype(dtype).name} (max |value| {np.abs(a).max():.3g})")
+    return out
+
+
+def cast_conv(conv: Conv, dtype) -> Conv:
+    """Cast a float64 conv to ``dtype`` with the finiteness check on weight and bias."""
+    return conv.with_(
+        weight=cast_array(conv.weight, dtype, "fused weight"),
+        bias=None if conv.bias is None else cast_array(conv.bias, dtype, "fused bias"),
+    )

@@ -1,0 +1,385 @@
+"""Region collapse: find the linear regions of a neutral graph and collapse each into convs.
+
+A frontend (torch.fx, ONNX) translates its graph into a :class:`LinearGraph`: every node is either a linear
+op (:data:`~reparam.core.types.LinearOp`) or opaque (``op=None``: an activation, a concat, anything unknown).
+:func:`plan` walks the graph once in topological order, keeping for every linear value an equivalent
+``sum over sources s of Conv_s(s) + bias``.  A *source* is an opaque node, a graph input, or a linear node
+whose value must exist on its own ("materialized"): one read by anything but exactly one linear user, or
+one that a refused step had to cut.  Each materialized linear node is the exit of a region, which the
+frontend replaces by one conv per source (identity terms stay plain adds).  A step the algebra cannot prove
+exact (or that would raise the cost, unless allowed) is refused with a reason: its inputs are
+materialized and the step is retried on them, so a refusal only ever keeps the original structure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .conv_algebra import (
+    affine_conv,
+    avgpool_conv,
+    compose,
+    fold_affine,
+    identity,
+    pad_conv,
+    sum_convs,
+)
+from .errors import NotFusable, ReparamError
+from .precision import conv64
+from .types import Add, Affine, AvgPool, BatchNorm, Conv, Identity, LinearOp, Pad
+
+
+@dataclass
+class Node:
+    """A graph node: ``op`` is a linear op, or None for an opaque node (including graph inputs)."""
+
+    name: str
+    op: LinearOp | None
+    inputs: list[str]
+    channels: int | None = None
+    ndim: int | None = None
+    payload: Any = None
+
+
+@dataclass
+class Term:
+    """One conv applied to one source; ``identity`` means the conv is exactly ``y = x`` (emit the source)."""
+
+    source: str
+    conv: Conv
+    identity: bool
+
+
+@dataclass
+class Region:
+    """A collapsed region: ``nodes`` (topological order, ending with ``exit``) become the sum of ``terms``."""
+
+    exit: str
+    nodes: list[str]
+    terms: list[Term]
+
+    @property
+    def ops_before(self) -> int:
+        return len(self.nodes)
+
+    @property
+    def ops_after(self) -> int:
+        """Ops the rewrite emits: one conv per non-identity term plus the adds joining the terms."""
+        return sum(not t.identity for t in self.terms) + max(len(self.terms) - 1, 0)
+
+    @property
+    def worthwhile(self) -> bool:
+        return self.ops_after < self.ops_before
+
+
+@dataclass
+class Refusal:
+    """A step that was not fused, with the reason the algebra gave."""
+
+    node: str
+    reason: str
+
+
+@dataclass
+class Plan:
+    regions: list[Region] = field(default_factory=list)
+    refusals: list[Refusal] = field(default_factory=list)
+
+
+@dataclass
+class _Value:
+    terms: dict[str, Conv]  # bias-free float64 convs, keyed by source
+    bias: np.ndarray | None
+    channels: int
+    ndim: int
+
+
+class LinearGraph:
+    """A neutral DAG of linear and opaque nodes; names are unique, inputs refer to earlier nodes."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, Node] = {}
+        self.outputs: set[str] = set()
+
+    def add(self, name: str, op: LinearOp | None, inputs: Sequence[str] = (), *, channels: int | None = None,
+            ndim: int | None = None, payload: Any = None) -> str:
+        """Append a node (inputs must already exist); returns its name."""
+        if name in self.nodes:
+            raise ReparamError(f"duplicate node name {name!r}")
+        for i in inputs:
+            if i not in self.nodes:
+                raise ReparamError(f"node {name!r} reads unknown node {i!r}")
+        self.nodes[name] = Node(name, op, list(inputs), channels, ndim, payload)
+        return name
+
+    def input(self, name: str, channels: int | None = None, ndim: int | None = None) -> str:
+        """Add a graph input (an opaque node without inputs)."""
+        return self.add(name, None, (), channels=channels, ndim=ndim)
+
+    def mark_output(self, *names: str) -> None:
+        """Values read outside the graph: they are always materialized."""
+        self.outputs.update(names)
+
+    def users(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {n: [] for n in self.nodes}
+        for node in self.nodes.values():
+            for i in node.inputs:
+                out[i].append(node.name)
+        return out
+
+
+def macs_per_output(conv: Conv) -> int:
+    """Multiply-accumulates per output position (all output channels), the cost model of the guard."""
+    return conv.out_channels * (conv.in_channels // conv.groups) * int(np.prod(conv.kernel_size, dtype=np.int64))
+
+
+def _value_cost(v: _Value) -> float:
+    return float(sum(macs_per_output(t) for t in v.terms.values()))
+
+
+class _Planner:
+    def __init__(self, graph: LinearGraph, allow_costlier: bool) -> None:
+        self.g = graph
+        self.allow_costlier = allow_costlier
+        self.users = graph.users()
+        self.values: dict[str, _Value] = {}
+        self.exits: set[str] = set()
+        self.opaque: set[str] = {n for n, node in graph.nodes.items() if node.op is None}
+        self.refusals: list[Refusal] = []
+
+    # -- sources -------------------------------------------------------------------------------------
+    def _source_shape(self, name: str) -> tuple[int, int]:
+        node = self.g.nodes[name]
+        if node.channels is not None and node.ndim is not None:
+            return node.channels, node.ndim
+        for user in self.users[name]:
+            op = self.g.nodes[user].op
+            if isinstance(op, Conv):
+                return op.in_channels, op.ndim
+        for user in self.users[name]:
+            unode = self.g.nodes[user]
+            if isinstance(unode.op, (BatchNorm, Affine, Identity, Add)) and unode.channels and unode.ndim is not None:
+                return unode.channels, unode.ndim
+        raise NotFusable(f"the channel count of {name!r} is unknown (give example inputs or shapes)")
+
+    def _source(self, name: str) -> _Value:
+        known = self.values.get(name)
+        c, nd = (known.channels, known.ndim) if known is not None else self._source_shape(name)
+        return _Value({name: identity(c, nd)}, None, c, nd)
+
+    def _input_value(self, name: str) -> _Value:
+        if name in self.opaque or name in self.exits:
+            return self._source(name)
+        return self.values[name]
+
+    # -- one step ------------------------------------------------------------------------------------
+    def _apply(self, node: Node, ins: list[_Value]) -> _Value:
+        op = node.op
+        if isinstance(op, Add):
+            return self._add(ins)
+        (v,) = ins
+        if isinstance(op, Identity):
+            return v
+        if isinstance(op, BatchNorm):
+            op = op.to_affine()
+        if isinstance(op, Affine):
+            scale, shift = op.scale_for(v.channels), op.shift_for(v.channels)
+            terms = {s: fold_affine(t, Affine(scale=scale)) for s, t in v.terms.items()}
+            bias = shift if v.bias is None else v.bias * scale + shift
+            return _Value(terms, bias, v.channels, v.ndim)
+        if isinstance(op, Conv):
+            return self._conv(v, conv64(op))
+        if isinstance(op, AvgPool):
+            return self._conv(v, avgpool_conv(op, v.channels))
+        if isinstance(op, Pad):
+            if len(op.padding) != v.ndim:
+                raise NotFusable(f"pad has {len(op.padding)} spatial dims, the value has {v.ndim}")
+            return self._conv(v, pad_conv(op, v.channels))
+        raise ReparamError(f"unknown op {type(op).__name__} at {node.name!r}")
+
+    def _conv(self, v: _Value, b: Conv) -> _Value:
+        if b.in_channels != v.channels or b.ndim != v.ndim:
+            raise NotFusable(f"a conv expecting {b.in_channels} channels/{b.ndim}-d reads a value with "
+                             f"{v.channels} channels/{v.ndim}-d")
+        plain = b.with_(bias=None)
+        terms = {s: compose(t, plain) for s, t in v.terms.items()}
+        bias = b.bias
+        if v.bias is not None and np.any(v.bias != 0):
+            if b.is_padded and b.padding_mode == "zeros":
+                raise NotFusable(
+                    f"the conv pads {b.padding} with zeros but its input carries a bias (max |b| "
+                    f"{np.abs(v.bias).max():.3g}) that the padded border would not see")
+            g = b.groups
+            ksum = b.weight.sum(axis=tuple(range(2, b.weight.ndim)))  # [out, in/g]
+            pushed = np.einsum("goc,gc->go", ksum.reshape(g, -1, ksum.shape[1]), v.bias.reshape(g, -1))
+            bias = pushed.reshape(-1) + (0 if bias is None else bias)
+        out = _Value(terms, bias, b.out_channels, b.ndim)
+        if not self.allow_costlier:
+            before = _value_cost(v) * float(np.prod(b.stride)) + macs_per_output(b)
+            after = _value_cost(out)
+            if after > before:
+                raise NotFusable(f"composing would cost {after:.0f} MACs per output position instead of "
+                                 f"{before:.0f} unfused (allow_costlier=True permits it)")
+        return out
+
+    def _add(self, ins: list[_Value]) -> _Value:
+        chans = {v.channels for v in ins}
+        nds = {v.ndim for v in ins}
+        if len(chans) > 1 or len(nds) > 1:
+            raise NotFusable(f"add of values with different channels/dims: {sorted(chans)}/{sorted(nds)}")
+        grouped: dict[str, list[Conv]] = {}
+        for v in ins:
+            for s, t in v.terms.items():
+                grouped.setdefault(s, []).append(t)
+        terms = {s: sum_convs(ts) for s, ts in grouped.items()}
+        if not self.allow_costlier:
+            before = sum(_value_cost(v) for v in ins)
+            after = float(sum(macs_per_output(t) for t in terms.values()))
+            if after > before:
+                raise NotFusable(f"summing these branches would cost {after:.0f} MACs per output position "
+                                 f"instead of {before:.0f} (allow_costlier=True permits it)")
+        biases = [v.bias for v in ins if v.bias is not None]
+        bias = np.sum(biases, axis=0) if biases else None
+        return _Value(terms, bias, ins[0].channels, ins[0].ndim)
+
+    # -- the pass ------------------------------------------------------------------------------------
+    def run(self) -> Plan:
+        g = self.g
+        for name, node in g.nodes.items():
+            if node.op is not None and (name in g.outputs or len(self.users[name]) != 1
+                                        or self.users[name][0] in self.opaque):
+                self.exits.add(name)
+        for name, node in g.nodes.items():
+            if name in self.opaque:
+                continue
+            try:
+                self.values[name] = self._apply(node, [self._input_value(i) for i in node.inputs])
+                continue
+            except NotFusable as err:
+                self.refusals.append(Refusal(name, str(err)))
+            cut = [i for i in node.inputs if i not in self.opaque and i not in self.exits]
+            self.exits.update(cut)
+            try:
+                self.values[name] = self._apply(node, [self._input_value(i) for i in node.inputs])
+            except NotFusable as err:
+                if not cut or str(err) != self.refusals[-1].reason:
+                    self.refusals.append(Refusal(name, str(err)))
+                self._make_opaque(name)
+        return Plan(self._regions(), self.refusals)
+
+    def _make_opaque(self, name: str) -> None:
+        self.opaque.add(name)
+        self.exits.discard(name)
+        for i in self.g.nodes[name].inputs:
+            if i not in self.opaque:
+                self.exits.add(i)
+        # a user of an opaque node needs it as a source: exits already cover linear inputs
+
+    def _regions(self) -> list[Region]:
+        order = {n: k for k, n in enumerate(self.g.nodes)}
+        regions = []
+        for e in sorted(self.exits, key=order.get):
+            if e in self.opaque:
+                continue
+            members, stack = [], [e]
+            while stack:
+                n = stack.pop()
+                members.append(n)
+                stack.extend(i for i in self.g.nodes[n].inputs
+                             if i not in self.opaque and i not in self.exits)
+            members.sort(key=order.get)
+            regions.append(Region(e, members, _terms(self.values[e], order)))
+        return regions
+
+
+def _is_identity(conv: Conv) -> bool:
+    c = conv.out_channels
+    return (conv.in_channels == c and conv.is_pointwise and not conv.is_padded
+            and all(s == 1 for s in conv.stride)
+            and (conv.bias is None or not np.any(conv.bias))
+            and np.array_equal(conv.weight.reshape(c, -1), _eye(conv)))
+
+
+def _eye(conv: Conv) -> np.ndarray:
+    per = conv.weight.shape[1]
+    eye = np.zeros((conv.out_channels, per))
+    for o in range(conv.out_channels):
+        eye[o, o % per] = 1.0
+    return eye
+
+
+def _terms(v: _Value, order: dict[str, int]) -> list[Term]:
+    terms = [Term(s, t, _is_identity(t)) for s, t in sorted(v.terms.items(), key=lambda kv: order[kv[0]])]
+    if v.bias is not None and np.any(v.bias != 0):
+        k = next((i for i, t in enumerate(terms) if not t.identity), 0)
+        t = terms[k]
+        terms[k] = Term(t.source, t.conv.with_(bias=t.conv.bias_or_zeros() + v.bias), False)
+    return terms
+
+
+def plan(graph: LinearGraph, *, allow_costlier: bool = False) -> Plan:
+    """Find and collapse every linear region of ``graph``; the graph itself is not modified."""
+    return _Planner(graph, allow_costlier).run()
+
+
+def collapse(graph: LinearGraph, exit: str, *, allow_costlier: bool = True) -> list[Term]:
+    """The terms computing node ``exit`` from its sources, or NotFusable if a step inside was refused."""
+    p = plan(graph, allow_costlier=allow_costlier)
+    for r in p.regions:
+        if r.exit == exit:
+            inside = set(r.nodes)
+            bad = [f.reason for f in p.refusals if f.node in inside]
+            if bad:
+                raise NotFusable(bad[0])
+            return r.terms
+    bad = [f"{f.node}: {f.reason}" for f in p.refusals]
+    raise NotFusable(f"{exit!r} is not the exit of a linear region" + (f" ({bad[0]})" if bad else ""))
+
+
+def chain(ops: Sequence[LinearOp], channels: int | None = None, ndim: int | None = None,
+          *, dtype=None) -> Conv:
+    """One conv equal to applying ``ops`` in sequence (e.g. ``[Conv, BatchNorm]``), cast to ``dtype``.
+
+    ``channels``/``ndim`` describe the input and are needed only when the first op is not a conv.
+    """
+    return sum_branches([ops], channels, ndim, dtype=dtype)
+
+
+def sum_branches(branches: Sequence[Sequence[LinearOp]], channels: int | None = None,
+                 ndim: int | None = None, *, dtype=None) -> Conv:
+    """One conv equal to the sum of several op chains read from one input (an empty chain is identity).
+
+    Raises NotFusable with the reason when the sum is not exactly one conv.  ``dtype`` defaults to the
+    dtype of the first conv weight met (float64 if there is none); the math is float64 throughout.
+    """
+    from .precision import cast_conv
+
+    g = LinearGraph()
+    g.input("x", channels, ndim)
+    ends = []
+    for bi, ops in enumerate(branches):
+        prev = "x"
+        for oi, op in enumerate(ops):
+            prev = g.add(f"b{bi}.{oi}", op, [prev])
+        ends.append(prev)
+    if len(ends) > 1 or ends[0] == "x":
+        g.add("sum", Add(), ends)
+        out = "sum"
+    else:
+        out = ends[0]
+    g.mark_output(out)
+    terms = collapse(g, out)
+    (term,) = terms
+    if dtype is None:
+        first = next((op for ops in branches for op in ops if isinstance(op, Conv)), None)
+        dtype = np.float64 if first is None else first.weight.dtype
+    return cast_conv(term.conv, dtype)
+
+
+__all__ = ["LinearGraph", "Node", "Plan", "Refusal", "Region", "Term", "chain", "collapse",
+           "macs_per_output", "plan", "sum_branches"]
+
