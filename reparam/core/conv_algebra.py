@@ -75,7 +75,7 @@ def place(conv: Conv, start: tuple[int, ...], dilation: tuple[int, ...], kernel:
     nd = conv.ndim
     index, pads = [], []
     for i in range(nd):
-        (b, e), d, k = conv.padding[i], conv.dilation[i], conv.kernel_size[i]
+        b, d, k = conv.padding[i][0], conv.dilation[i], conv.kernel_size[i]
         offs = -b + d * np.arange(k)
         rel = offs - start[i]
         if np.any(rel % dilation[i]) or np.any(rel < 0) or np.any(rel // dilation[i] >= kernel[i]):
@@ -180,8 +180,9 @@ def compose(a: Conv, b: Conv) -> Conv:
     """One conv computing ``b(a(x))``.
 
     Always exact when ``b`` does not pad.  When ``b`` pads with zeros, ``a``'s output at the border must
-    be zero, so ``a`` must be pointwise and bias-free, padding (if at all) with zeros; when ``b`` pads with a non-zero mode,
-    ``a`` must be pointwise, unpadded and stride 1 (a pointwise map commutes with reflect/replicate/
+    be zero, so ``a`` must be pointwise and bias-free, padding (if at all) with zeros; when ``b`` pads
+    with a non-zero mode, ``a`` must be pointwise, unpadded and stride 1 (a pointwise map commutes with
+    reflect/replicate/
     circular padding).  Stride composes as ``sa*sb`` with ``b`` dilated by ``sa``.
     """
     if a.ndim != b.ndim:
@@ -228,7 +229,8 @@ def compose(a: Conv, b: Conv) -> Conv:
     for jb in itertools.product(*(range(k) for k in b.kernel_size)):
         part = np.einsum("goc,gci...->goi...", wb[(Ellipsis, *jb)], wa)
         at = tuple(jb[i] * b.dilation[i] * sa[i] // dil[i] for i in range(nd))
-        sl = tuple(slice(at[i], at[i] + a_step[i] * (a.kernel_size[i] - 1) + 1, a_step[i]) for i in range(nd))
+        sl = tuple(slice(at[i], at[i] + a_step[i] * (a.kernel_size[i] - 1) + 1, a_step[i])
+                   for i in range(nd))
         w[(slice(None), slice(None), slice(None), *sl)] += part
     bias = None
     if a.bias is not None or b.bias is not None:

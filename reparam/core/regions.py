@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from .conv_algebra import (
-    affine_conv,
     avgpool_conv,
     compose,
     fold_affine,

@@ -1,0 +1,182 @@
+"""Apply a core plan to an fx graph: replace each worthwhile region by one conv per source."""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from .. import core
+from ..core.errors import NotFusable
+from ..torch_ops import _BNS, _CONV_TRANSPOSES, bn_from_module, to_module, to_numpy, to_tensor
+from .report import FuseReport, RegionReport
+from .tracing import _plain_forward
+
+
+@dataclass
+class Rewrite:
+    """New modules by qualified name, and which existing targets the rewritten graph still uses."""
+
+    modules: dict[str, nn.Module] = field(default_factory=dict)
+
+
+def _op_label(node: fx.Node, gm: fx.GraphModule) -> str:
+    if node.op == "call_module":
+        return f"{type(gm.get_submodule(node.target)).__name__}({node.target})"
+    target = getattr(node.target, "__name__", str(node.target))
+    return f"{target}"
+
+
+def _is_conv_node(node: fx.Node, gm: fx.GraphModule) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+    return node.op == "call_function" and "conv" in getattr(node.target, "__name__", "")
+
+
+def _mutates(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
+    """The input an in-place node overwrites, if any."""
+    first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    if node.op == "call_method" and str(node.target).endswith("_") and not str(node.target).endswith("__"):
+        return first
+    if node.op == "call_function":
+        if node.kwargs.get("inplace") or (getattr(node.target, "__name__", "").startswith("i") and \
+                node.target in (operator.iadd, operator.imul, operator.isub, operator.itruediv)):
+            return first
+    if node.op == "call_module" and getattr(gm.get_submodule(node.target), "inplace", False):
+        return first
+    return None
+
+
+def _params_and_place(region_nodes: list[fx.Node], gm: fx.GraphModule) -> tuple[torch.dtype, torch.device]:
+    for n in region_nodes:
+        if n.op == "call_module":
+            for p in gm.get_submodule(n.target).parameters():
+                return p.dtype, p.device
+        if n.op == "call_function":
+            for a in n.args:
+                if isinstance(a, fx.Node) and a.op == "get_attr":
+                    t = gm.get_parameter(a.target) if "." in a.target or hasattr(gm, a.target) else None
+                    if isinstance(t, torch.Tensor):
+                        return t.dtype, t.device
+    tm = region_nodes[0].meta.get("tensor_meta")
+    if tm is not None:
+        return tm.dtype, torch.device("cpu")
+    return torch.float32, torch.device("cpu")
+
+
+def _module_name(region, convs, nodes, exit_node, term, gm, rw) -> str:
+    """Reuse the region's conv path when that module serves nowhere else; else a fresh flat name."""
+    single = sum(not t.identity for t in region.terms) == 1
+    if single and convs and convs[0].op == "call_module":
+        target = str(convs[0].target)
+        inside = set(nodes)
+        others = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == target and n not in inside]
+        if not others and target not in rw.modules:
+            return target
+    return _fresh_name(f"{exit_node.name}_{term.source}", gm, rw.modules)
+
+
+def _fresh_name(base: str, gm: fx.GraphModule, taken: dict[str, nn.Module]) -> str:
+    base = base.replace(".", "_") or "fused"
+    name, k = base, 1
+    while name in taken or hasattr(gm, name):
+        name, k = f"{base}_{k}", k + 1
+    return name
+
+
+def apply_plan(gm: fx.GraphModule, plan: core.Plan, lg: core.LinearGraph, report: FuseReport,
+               rw: Rewrite, prefix: str = "") -> int:
+    """Rewrite ``gm.graph`` in place from ``plan``; returns the number of regions rewritten."""
+    graph = gm.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    replaced: dict[str, fx.Node] = {}
+    done = 0
+    for region in plan.regions:
+        if not region.worthwhile:
+            continue
+        nodes = [lg.nodes[n].payload for n in region.nodes]
+        exit_node = nodes[-1]
+        where = prefix + exit_node.name
+        try:
+            _check_no_mutation(region, lg, exit_node, order, gm)
+            dtype, device = _params_and_place(nodes, gm)
+            modules = [(t, None if t.identity else to_module(t.conv, dtype=dtype, device=device))
+                       for t in region.terms]
+        except NotFusable as err:
+            report.refused.append((where, str(err)))
+            continue
+        convs = [n for n in nodes if _is_conv_node(n, gm)]
+        with graph.inserting_before(exit_node):
+            out = None
+            for term, module in modules:
+                src = lg.nodes[term.source].payload
+                src = replaced.get(src.name, src)
+                if module is not None:
+                    name = _module_name(region, convs, nodes, exit_node, term, gm, rw)
+                    rw.modules[name] = module
+                    gm.add_submodule(name, module)
+                    src = graph.call_module(name, (src,))
+                out = src if out is None else graph.call_function(operator.add, (out, src))
+        exit_node.replace_all_uses_with(out)
+        replaced[exit_node.name] = out
+        for n in reversed(nodes):
+            graph.erase_node(n)
+        report.regions.append(RegionReport(where, [_op_label(n, gm) for n in nodes], len(convs),
+                                           sum(m is not None for _, m in modules)))
+        done += 1
+    for n in list(graph.nodes):
+        if n.op == "get_attr" and not n.users:
+            graph.erase_node(n)
+    return done
+
+
+def _check_no_mutation(region: core.Region, lg: core.LinearGraph, exit_node: fx.Node, order, gm) -> None:
+    """Moving a source's reads to the exit is exact only if nothing overwrites the source in between."""
+    inside = {lg.nodes[n].payload for n in region.nodes}
+    for term in region.terms:
+        src = lg.nodes[term.source].payload
+        for user in src.users:
+            if user in inside or order[user] >= order[exit_node]:
+                continue
+            if _mutates(user, gm) is src:
+                raise NotFusable(f"{user.name} overwrites {src.name} in place before the region's exit")
+
+
+def fold_conv_transpose_bn(gm: fx.GraphModule, report: FuseReport, rw: Rewrite, prefix: str = "") -> int:
+    """ConvTranspose followed by its only user, an eval-mode BN module: one transposed conv."""
+    done = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or len(node.users) != 1:
+            continue
+        ct = gm.get_submodule(node.target)
+        if not isinstance(ct, _CONV_TRANSPOSES) or not _plain_forward(ct) or ct._forward_hooks:
+            continue
+        (bn_node,) = node.users
+        if bn_node.op != "call_module" or bn_node.args != (node,) or bn_node.kwargs:
+            continue
+        bn = gm.get_submodule(bn_node.target)
+        if not isinstance(bn, _BNS):
+            continue
+        try:
+            folded = core.fold_bn_transpose(
+                core.ConvTranspose(to_numpy(ct.weight), to_numpy(ct.bias), groups=ct.groups), bn_from_module(bn))
+            new = type(ct)(ct.in_channels, ct.out_channels, ct.kernel_size, ct.stride, ct.padding,
+                           ct.output_padding, ct.groups, True, ct.dilation, ct.padding_mode, device="meta")
+            new.weight = nn.Parameter(to_tensor(folded.weight, ct.weight))
+            new.bias = nn.Parameter(to_tensor(folded.bias, ct.weight, what="fused bias"))
+        except NotFusable as err:
+            report.refused.append((prefix + bn_node.name, str(err)))
+            continue
+        name = _fresh_name(str(node.target), gm, rw.modules)
+        rw.modules[name] = new
+        gm.add_submodule(name, new)
+        with gm.graph.inserting_before(bn_node):
+            out = gm.graph.call_module(name, (node.args[0],))
+        bn_node.replace_all_uses_with(out)
+        gm.graph.erase_node(bn_node)
+        gm.graph.erase_node(node)
+        report.regions.append(RegionReport(prefix + bn_node.name, [type(ct).__name__, type(bn).__name__], 1, 1))
+        done += 1
+    return done

@@ -1,0 +1,300 @@
+"""Translate an fx graph into the core's neutral :class:`~reparam.core.LinearGraph`.
+
+Every fx node becomes one graph node (``payload`` is the fx node): a core op when the node is provably
+linear in its tensor input, opaque otherwise.  Layers that *could* be linear but are refused here (BN in
+training mode or without running stats, hooked or overridden modules, Linear on an input not known to
+be 2-D) are recorded with their reason.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from numbers import Number
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .. import core
+from ..core.errors import NotFusable
+from ..torch_ops import _BNS, _CONVS, to_core, to_numpy
+
+_ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.Sigmoid,
+                        nn.Tanh, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.Mish, nn.Softplus)
+_ELEMENTWISE_FUNCS = {F.relu, F.relu6, F.hardswish, F.hardsigmoid, F.silu, F.gelu, torch.sigmoid,
+                      torch.tanh, F.leaky_relu, torch.relu, F.elu, F.mish}
+_ADDS = {operator.add, torch.add, operator.iadd}
+_MULS = {operator.mul, torch.mul, operator.imul}
+_SUBS = {operator.sub, torch.sub, operator.isub}
+_DIVS = {operator.truediv, torch.div, operator.itruediv}
+_CONV_FUNCS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
+_POOL_FUNCS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3, torch.avg_pool1d: 1}
+_DROPOUT_FUNCS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout}
+_IDENTITY_METHODS = {"contiguous", "clone"}
+
+
+@dataclass
+class Translation:
+    graph: core.LinearGraph
+    refused: list[tuple[str, str]] = field(default_factory=list)  # (node name, reason)
+
+
+def translate(gm: fx.GraphModule) -> Translation:
+    """Build the neutral graph of ``gm``; shapes come from ``node.meta['tensor_meta']`` when present."""
+    out = Translation(core.LinearGraph())
+    info: dict[str, tuple[int | None, int | None]] = {}
+    users = {n: len(n.users) for n in gm.graph.nodes}
+    for node in gm.graph.nodes:
+        if node.op in ("get_attr", "output"):
+            if node.op == "output":
+                out.graph.mark_output(*[a.name for a in _tensor_args(node, out.graph)])
+            continue
+        try:
+            op, inputs = _classify(node, gm, users)
+        except NotFusable as err:
+            out.refused.append((node.name, str(err)))
+            op, inputs = None, None
+        if op is None or inputs is None:
+            inputs = _tensor_args(node, out.graph)
+        channels, ndim = _shape(node, gm, op, inputs, info)
+        info[node.name] = (channels, ndim)
+        out.graph.add(node.name, op, [i.name for i in inputs], channels=channels, ndim=ndim, payload=node)
+    return out
+
+
+def _tensor_args(node: fx.Node, g: core.LinearGraph) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda a: found.append(a) if a.name in g.nodes else None)
+    return list(dict.fromkeys(found))
+
+
+def _meta_shape(node: fx.Node) -> tuple[int, ...] | None:
+    tm = node.meta.get("tensor_meta")
+    shape = getattr(tm, "shape", None)
+    return tuple(shape) if shape is not None else None
+
+
+def _shape(node, gm, op, inputs, info) -> tuple[int | None, int | None]:
+    shape = _meta_shape(node)
+    if shape is not None:
+        return (shape[1] if len(shape) >= 2 else None), (len(shape) - 2 if len(shape) >= 2 else None)
+    if isinstance(op, core.Conv):
+        return op.out_channels, op.ndim
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if isinstance(m, _BNS):
+            nd = {nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}.get(type(m))
+            if nd is None and inputs:
+                nd = info.get(inputs[0].name, (None, None))[1]
+            return m.num_features, nd
+    keeps_shape = (op is not None and not isinstance(op, (core.AvgPool, core.Pad))) or (
+        node.op == "call_module" and isinstance(gm.get_submodule(node.target), _ELEMENTWISE_MODULES)) or (
+        node.op == "call_function" and node.target in _ELEMENTWISE_FUNCS)
+    if keeps_shape:
+        for i in inputs:
+            c, nd = info.get(i.name, (None, None))
+            if c is not None:
+                return c, nd
+    if isinstance(op, (core.AvgPool, core.Pad)) and inputs:
+        return info.get(inputs[0].name, (None, None))
+    return None, None
+
+
+def _const(arg: Any, gm: fx.GraphModule) -> np.ndarray | None:
+    """A python number or a get_attr tensor as a float64 array; None for anything else."""
+    if isinstance(arg, bool):
+        return None
+    if isinstance(arg, Number):
+        return np.asarray([float(arg)])
+    if isinstance(arg, fx.Node) and arg.op == "get_attr":
+        t = _attr(gm, arg.target)
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            return to_numpy(t)
+    return None
+
+
+def _attr(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _per_channel(c: np.ndarray) -> np.ndarray | None:
+    """A constant that broadcasts per channel against [N, C, *spatial]: scalar, [C,1..], [1,C,1..]."""
+    if c.size == 1:
+        return c.reshape(1)
+    shape = c.shape
+    if len(shape) >= 2 and shape[0] == 1:
+        shape = shape[1:]
+    if len(shape) >= 2 and all(s == 1 for s in shape[1:]):
+        return c.reshape(-1)
+    return None
+
+
+def _param(arg: Any, gm: fx.GraphModule, what: str) -> np.ndarray | None:
+    if arg is None:
+        return None
+    if isinstance(arg, fx.Node) and arg.op == "get_attr":
+        return to_numpy(_attr(gm, arg.target))
+    raise NotFusable(f"{what} is computed at run time, not a stored tensor")
+
+
+def _classify(node: fx.Node, gm: fx.GraphModule, users: dict) -> tuple[core.LinearOp | None, list | None]:
+    """The core op of ``node`` and its tensor inputs, or (None, None) when it is not linear."""
+    if node.op == "placeholder":
+        return None, None
+    if node.op == "call_module":
+        return _classify_module(node, gm)
+    if node.op == "call_function":
+        return _classify_function(node, node.target, gm, users)
+    if node.op == "call_method":
+        return _classify_method(node, gm, users)
+    return None, None
+
+
+def _classify_module(node: fx.Node, gm: fx.GraphModule):
+    m = gm.get_submodule(node.target)
+    if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+        return None, None
+    if isinstance(m, nn.Linear):
+        shape = _meta_shape(node.args[0])
+        if shape is None or len(shape) != 2:
+            raise NotFusable(f"Linear {node.target!r} is folded only on a known 2-D input "
+                             "(pass example_inputs so shapes are known)")
+    if isinstance(m, (*_CONVS, *_BNS, nn.Linear)) and getattr(m, "training", False):
+        raise NotFusable(f"{type(m).__name__} {node.target!r} stays in training mode after eval()")
+    try:
+        return to_core(m), [node.args[0]]
+    except NotFusable as err:
+        if isinstance(m, (*_CONVS, *_BNS, nn.Linear)):
+            raise NotFusable(f"{node.target!r}: {err}") from None
+        return None, None
+
+
+def _binary(node, gm, a, b, kind: str):
+    """Affine forms of ``a (op) b`` where one side is a per-channel constant; Add for tensor + tensor."""
+    ca, cb = _const(a, gm), _const(b, gm)
+    a_t = isinstance(a, fx.Node) and ca is None
+    b_t = isinstance(b, fx.Node) and cb is None
+    if kind == "add" and a_t and b_t:
+        return core.Add(), [a, b]
+    if a_t == b_t:
+        return None, None
+    x, c = (a, cb) if a_t else (b, ca)
+    pc = _per_channel(c)
+    if pc is None:
+        return None, None
+    if kind == "add":
+        return core.Affine(shift=pc), [x]
+    if kind == "mul":
+        return core.Affine(scale=pc), [x]
+    if kind == "sub":
+        return (core.Affine(shift=-pc) if a_t else core.Affine(scale=np.array([-1.0]), shift=pc)), [x]
+    if kind == "div" and a_t and np.all(pc != 0):
+        return core.Affine(scale=1.0 / pc), [x]
+    return None, None
+
+
+def _mutates_shared(node: fx.Node, users: dict) -> bool:
+    target = node.args[0] if node.args else None
+    return isinstance(target, fx.Node) and users.get(target, 0) > 1
+
+
+def _classify_function(node: fx.Node, fn, gm, users):
+    args, kw = node.args, node.kwargs
+    if fn in _ADDS or fn in _MULS or fn in _SUBS or fn in _DIVS:
+        if len(args) != 2 or set(kw) - {"alpha"} or kw.get("alpha", 1) != 1:
+            return None, None
+        if fn in (operator.iadd, operator.imul, operator.isub, operator.itruediv) and _mutates_shared(node, users):
+            return None, None
+        kind = "add" if fn in _ADDS else "mul" if fn in _MULS else "sub" if fn in _SUBS else "div"
+        return _binary(node, gm, args[0], args[1], kind)
+    if fn in (operator.neg, torch.neg):
+        return core.Affine(scale=np.array([-1.0])), [args[0]]
+    if fn in _CONV_FUNCS:
+        return _conv_function(node, gm, _CONV_FUNCS[fn])
+    if fn in (F.batch_norm, torch.batch_norm):
+        return _bn_function(node, gm)
+    if fn in _POOL_FUNCS:
+        return _pool_function(node, _POOL_FUNCS[fn])
+    if fn is F.pad:
+        from ..torch_ops import pad_from_torch
+
+        pad = kw.get("pad", args[1] if len(args) > 1 else None)
+        mode = kw.get("mode", args[2] if len(args) > 2 else "constant")
+        value = kw.get("value", args[3] if len(args) > 3 else None)
+        if not isinstance(pad, (list, tuple)) or not all(isinstance(p, int) for p in pad):
+            return None, None
+        return pad_from_torch(pad, mode, value or 0.0), [args[0]]
+    if fn in _DROPOUT_FUNCS:
+        training = kw.get("training", args[2] if len(args) > 2 else True)
+        return (core.Identity(), [args[0]]) if training is False else (None, None)
+    return None, None
+
+
+def _opt(node, i, name, default):
+    return node.kwargs.get(name, node.args[i] if len(node.args) > i else default)
+
+
+def _conv_function(node, gm, nd):
+    w = _param(_opt(node, 1, "weight", None), gm, "conv weight")
+    b = _param(_opt(node, 2, "bias", None), gm, "conv bias")
+    stride, padding = _opt(node, 3, "stride", 1), _opt(node, 4, "padding", 0)
+    dilation, groups = _opt(node, 5, "dilation", 1), _opt(node, 6, "groups", 1)
+    dil = (dilation,) * nd if isinstance(dilation, int) else tuple(dilation)
+    if padding == "valid":
+        padding = 0
+    elif padding == "same":
+        k = w.shape[2:]
+        pads = []
+        for i in range(nd):
+            total = dil[i] * (k[i] - 1)
+            pads.append((total // 2, total - total // 2))
+        padding = tuple(pads)
+    return core.Conv(w, b, stride=stride, padding=padding, dilation=dil, groups=groups), [node.args[0]]
+
+
+def _bn_function(node, gm):
+    training = _opt(node, 5, "training", False)
+    if training is not False:
+        raise NotFusable("functional batch_norm runs with training=True (batch statistics)")
+    mean = _param(_opt(node, 1, "running_mean", None), gm, "batch_norm running_mean")
+    var = _param(_opt(node, 2, "running_var", None), gm, "batch_norm running_var")
+    if mean is None or var is None:
+        raise NotFusable("functional batch_norm without running statistics")
+    gamma = _param(_opt(node, 3, "weight", None), gm, "batch_norm weight")
+    beta = _param(_opt(node, 4, "bias", None), gm, "batch_norm bias")
+    eps = _opt(node, 7, "eps", 1e-5)
+    return core.BatchNorm(mean, var, gamma, beta, float(eps)), [node.args[0]]
+
+
+def _pool_function(node, nd):
+    def tup(v):
+        return (v,) * nd if isinstance(v, int) else tuple(v)
+
+    k = tup(_opt(node, 1, "kernel_size", None))
+    stride = _opt(node, 2, "stride", None) or k
+    pad = tup(_opt(node, 3, "padding", 0))
+    return core.AvgPool(k, tup(stride), tuple((p, p) for p in pad), bool(_opt(node, 5, "count_include_pad", True)),
+                        bool(_opt(node, 4, "ceil_mode", False)), _opt(node, 6, "divisor_override", None)), \
+        [node.args[0]]
+
+
+def _classify_method(node, gm, users):
+    name = node.target
+    args = node.args
+    if name in _IDENTITY_METHODS and len(args) == 1 and not node.kwargs:
+        return core.Identity(), [args[0]]
+    base = name[:-1] if name.endswith("_") else name
+    if base in ("add", "mul", "sub", "div") and len(args) == 2 and (set(node.kwargs) <= {"alpha"}) \
+            and node.kwargs.get("alpha", 1) == 1:
+        if name.endswith("_") and _mutates_shared(node, users):
+            return None, None
+        return _binary(node, gm, args[0], args[1], base)
+    if base == "neg" and len(args) == 1:
+        return core.Affine(scale=np.array([-1.0])), [args[0]]
+    return None, None
