@@ -182,8 +182,7 @@ def compose(a: Conv, b: Conv) -> Conv:
     Always exact when ``b`` does not pad.  When ``b`` pads with zeros, ``a``'s output at the border must
     be zero, so ``a`` must be pointwise and bias-free, padding (if at all) with zeros; when ``b`` pads
     with a non-zero mode, ``a`` must be pointwise, unpadded and stride 1 (a pointwise map commutes with
-    reflect/replicate/
-    circular padding).  Stride composes as ``sa*sb`` with ``b`` dilated by ``sa``.
+    reflect/replicate/circular padding).  Stride composes as ``sa*sb`` with ``b`` dilated by ``sa``.
     """
     if a.ndim != b.ndim:
         raise NotFusable(f"compose: spatial dims differ ({a.ndim} vs {b.ndim})")
