@@ -53,7 +53,7 @@ def translate(gm: fx.GraphModule) -> Translation:
                 out.graph.mark_output(*[a.name for a in _tensor_args(node, out.graph)])
             continue
         try:
-            op, inputs = _classify(node, gm, users)
+            op, inputs = _classify(node, gm, users, info)
         except NotFusable as err:
             out.refused.append((node.name, str(err)))
             op, inputs = None, None
@@ -123,14 +123,20 @@ def _attr(gm: fx.GraphModule, target: str) -> Any:
     return obj
 
 
-def _per_channel(c: np.ndarray) -> np.ndarray | None:
-    """A constant that broadcasts per channel against [N, C, *spatial]: scalar, [C,1..], [1,C,1..]."""
-    if c.size == 1:
+def _per_channel(c: np.ndarray, ndim: int | None) -> np.ndarray | None:
+    """The per-channel vector of a constant broadcast against ``[N, C, *spatial]`` with ``ndim`` spatial dims.
+
+    A scalar always qualifies; ``[C, 1, ..]`` or ``[1, C, 1, ..]`` only with exactly ``ndim`` trailing ones
+    (with another rank the constant would broadcast along other axes, or change the output shape).
+    """
+    if c.size == 1 and c.ndim <= 1:
         return c.reshape(1)
+    if ndim is None:
+        return None
     shape = c.shape
-    if len(shape) >= 2 and shape[0] == 1:
+    if len(shape) == ndim + 2 and shape[0] == 1:
         shape = shape[1:]
-    if len(shape) >= 2 and all(s == 1 for s in shape[1:]):
+    if len(shape) == ndim + 1 and all(s == 1 for s in shape[1:]):
         return c.reshape(-1)
     return None
 
@@ -143,16 +149,16 @@ def _param(arg: Any, gm: fx.GraphModule, what: str) -> np.ndarray | None:
     raise NotFusable(f"{what} is computed at run time, not a stored tensor")
 
 
-def _classify(node: fx.Node, gm: fx.GraphModule, users: dict) -> tuple[core.LinearOp | None, list | None]:
+def _classify(node: fx.Node, gm: fx.GraphModule, users: dict, info: dict) -> tuple[core.LinearOp | None, list | None]:
     """The core op of ``node`` and its tensor inputs, or (None, None) when it is not linear."""
     if node.op == "placeholder":
         return None, None
     if node.op == "call_module":
         return _classify_module(node, gm)
     if node.op == "call_function":
-        return _classify_function(node, node.target, gm, users)
+        return _classify_function(node, node.target, gm, users, info)
     if node.op == "call_method":
-        return _classify_method(node, gm, users)
+        return _classify_method(node, gm, users, info)
     return None, None
 
 
@@ -175,7 +181,7 @@ def _classify_module(node: fx.Node, gm: fx.GraphModule):
         return None, None
 
 
-def _binary(node, gm, a, b, kind: str):
+def _binary(node, gm, a, b, kind: str, info):
     """Affine forms of ``a (op) b`` where one side is a per-channel constant; Add for tensor + tensor."""
     ca, cb = _const(a, gm), _const(b, gm)
     a_t = isinstance(a, fx.Node) and ca is None
@@ -185,7 +191,7 @@ def _binary(node, gm, a, b, kind: str):
     if a_t == b_t:
         return None, None
     x, c = (a, cb) if a_t else (b, ca)
-    pc = _per_channel(c)
+    pc = _per_channel(c, info.get(x.name, (None, None))[1] if isinstance(x, fx.Node) else None)
     if pc is None:
         return None, None
     if kind == "add":
@@ -204,7 +210,7 @@ def _mutates_shared(node: fx.Node, users: dict) -> bool:
     return isinstance(target, fx.Node) and users.get(target, 0) > 1
 
 
-def _classify_function(node: fx.Node, fn, gm, users):
+def _classify_function(node: fx.Node, fn, gm, users, info):
     args, kw = node.args, node.kwargs
     if fn in _ADDS or fn in _MULS or fn in _SUBS or fn in _DIVS:
         if len(args) != 2 or set(kw) - {"alpha"} or kw.get("alpha", 1) != 1:
@@ -212,7 +218,7 @@ def _classify_function(node: fx.Node, fn, gm, users):
         if fn in (operator.iadd, operator.imul, operator.isub, operator.itruediv) and _mutates_shared(node, users):
             return None, None
         kind = "add" if fn in _ADDS else "mul" if fn in _MULS else "sub" if fn in _SUBS else "div"
-        return _binary(node, gm, args[0], args[1], kind)
+        return _binary(node, gm, args[0], args[1], kind, info)
     if fn in (operator.neg, torch.neg):
         return core.Affine(scale=np.array([-1.0])), [args[0]]
     if fn in _CONV_FUNCS:
@@ -284,7 +290,7 @@ def _pool_function(node, nd):
         [node.args[0]]
 
 
-def _classify_method(node, gm, users):
+def _classify_method(node, gm, users, info):
     name = node.target
     args = node.args
     if name in _IDENTITY_METHODS and len(args) == 1 and not node.kwargs:
@@ -294,7 +300,7 @@ def _classify_method(node, gm, users):
             and node.kwargs.get("alpha", 1) == 1:
         if name.endswith("_") and _mutates_shared(node, users):
             return None, None
-        return _binary(node, gm, args[0], args[1], base)
+        return _binary(node, gm, args[0], args[1], base, info)
     if base == "neg" and len(args) == 1:
         return core.Affine(scale=np.array([-1.0])), [args[0]]
     return None, None

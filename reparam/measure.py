@@ -1,0 +1,85 @@
+"""Latency and environment measurement shared by ``reparam demo`` and ``benchmarks/``.
+
+Timings are medians over repeated runs, and candidates compared with each other are measured
+interleaved (A, B, A, B, ...) in one process so that machine noise hits them alike.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+
+def interleaved_medians(fns: Mapping[str, Callable[[], Any]], repeats: int = 20, warmup: int = 3) -> dict[str, float]:
+    """Median seconds per call of each function, measured round-robin."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def torch_runner(model, inputs: tuple, threads: int = 1) -> Callable[[], Any]:
+    """A no-grad call of ``model(*inputs)`` pinned to ``threads`` intra-op threads."""
+    import torch
+
+    def run():
+        prev = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with torch.inference_mode():
+                return model(*inputs)
+        finally:
+            torch.set_num_threads(prev)
+
+    return run
+
+
+def ort_session(model: Any, threads: int = 1, optimize: str = "basic"):
+    """An ONNX Runtime CPU session on a path or ModelProto; ``optimize`` is disable/basic/extended/all."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[optimize]
+    so.log_severity_level = 3
+    src = model if isinstance(model, (str, os.PathLike)) else model.SerializeToString()
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+def ort_runner(session, feeds: dict) -> Callable[[], Any]:
+    return lambda: session.run(None, feeds)
+
+
+def environment(threads: int = 1) -> dict[str, Any]:
+    """Machine and library versions, recorded with every benchmark result."""
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    for mod in ("numpy", "torch", "onnx", "onnxruntime", "onnx_graphsurgeon"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:
+            env[mod] = None
+    return env
