@@ -38,10 +38,10 @@ def to_tensor(a: np.ndarray, like: torch.Tensor | None = None, *, dtype=None, de
     """Cast a float64 result to the model's dtype and device, refusing non-finite values (also after the cast)."""
     dtype = dtype or (like.dtype if like is not None else torch.float32)
     device = device or (like.device if like is not None else "cpu")
-    if not np.all(np.isfinite(a)):
-        raise NotFusable(f"{what} has non-finite values after folding")
     t = torch.from_numpy(np.ascontiguousarray(a)).to(dtype=dtype, device=device)
-    if not bool(torch.isfinite(t).all()):
+    if not bool(torch.isfinite(t).all()):  # a non-finite float64 value stays non-finite after the cast
+        if not np.all(np.isfinite(a)):
+            raise NotFusable(f"{what} has non-finite values after folding")
         raise NotFusable(f"{what} overflows {dtype} (max |value| {np.abs(a).max():.3g})")
     return t
 

@@ -66,31 +66,39 @@ def regroup(conv: Conv, groups: int) -> Conv:
     return conv.with_(weight=w, groups=groups)
 
 
+def _window_slices(conv: Conv, start: tuple[int, ...], dilation: tuple[int, ...], kernel: tuple[int, ...]):
+    """Where ``conv``'s taps land in the window (one slice per dim) and the padding that keeps its output size."""
+    slices, pads = [], []
+    for i in range(conv.ndim):
+        b, d, k = conv.padding[i][0], conv.dilation[i], conv.kernel_size[i]
+        rel = -b - start[i]
+        step = d // dilation[i] if k > 1 else 1
+        misfit = rel % dilation[i] or (k > 1 and d % dilation[i])
+        if misfit or rel < 0 or rel // dilation[i] + step * (k - 1) >= kernel[i]:
+            offs = (-b + d * np.arange(k)).tolist()
+            raise NotFusable(
+                f"dim {i}: taps at offsets {offs} do not fit a window of {kernel[i]} taps at "
+                f"dilation {dilation[i]} starting at {start[i]}")
+        first = rel // dilation[i]
+        slices.append(slice(first, first + step * (k - 1) + 1, step))
+        new_b = -start[i]
+        new_e = reach(conv, i) + dilation[i] * (kernel[i] - 1) - new_b
+        if new_e < 0:
+            raise NotFusable(f"dim {i}: the window would need negative end padding {new_e}")
+        pads.append((new_b, new_e))
+    return (slice(None), slice(None), *slices), tuple(pads)
+
+
 def place(conv: Conv, start: tuple[int, ...], dilation: tuple[int, ...], kernel: tuple[int, ...]) -> Conv:
     """Re-express ``conv`` on a window of ``kernel`` taps at ``dilation`` starting at input offset ``start``.
 
     Exact (for every padding mode) when each tap of ``conv`` lands on a tap of the new window; the padding
     is adjusted so the output size is unchanged.
     """
-    nd = conv.ndim
-    index, pads = [], []
-    for i in range(nd):
-        b, d, k = conv.padding[i][0], conv.dilation[i], conv.kernel_size[i]
-        offs = -b + d * np.arange(k)
-        rel = offs - start[i]
-        if np.any(rel % dilation[i]) or np.any(rel < 0) or np.any(rel // dilation[i] >= kernel[i]):
-            raise NotFusable(
-                f"dim {i}: taps at offsets {offs.tolist()} do not fit a window of {kernel[i]} taps at "
-                f"dilation {dilation[i]} starting at {start[i]}")
-        index.append(rel // dilation[i])
-        new_b = -start[i]
-        new_e = reach(conv, i) + dilation[i] * (kernel[i] - 1) - new_b
-        if new_e < 0:
-            raise NotFusable(f"dim {i}: the window would need negative end padding {new_e}")
-        pads.append((new_b, new_e))
+    where, pads = _window_slices(conv, start, dilation, kernel)
     w = np.zeros(conv.weight.shape[:2] + tuple(kernel), conv.weight.dtype)
-    w[(slice(None), slice(None), *np.ix_(*index))] = conv.weight
-    return conv.with_(weight=w, padding=tuple(pads), dilation=tuple(dilation))
+    w[where] = conv.weight
+    return conv.with_(weight=w, padding=pads, dilation=tuple(dilation))
 
 
 def pad_kernel(conv: Conv, kernel_size: tuple[int, ...], offset: tuple[int, ...] | None = None) -> Conv:
@@ -164,16 +172,31 @@ def sum_convs(convs: list[Conv]) -> Conv:
         dil.append(d)
         kern.append((max(ends) - s0) // d + 1)
     start, dil, kern = tuple(start), tuple(dil), tuple(kern)
-    weight = None
+    weight = np.zeros((first.out_channels, first.in_channels // groups, *kern))
     bias = np.zeros(first.out_channels)
     any_bias = False
     for c in convs:
-        p = place(regroup(c, groups), start, dil, kern)
-        weight = p.weight.copy() if weight is None else weight + p.weight
+        where, pads = _window_slices(c, start, dil, kern)
+        if c.groups == groups:
+            weight[where] += c.weight
+        else:
+            _add_regrouped(weight, c, groups, where)
         if c.bias is not None:
             any_bias = True
             bias = bias + c.bias
-    return p.with_(weight=weight, bias=bias if any_bias else None, padding_mode=mode)
+    return Conv(weight, bias if any_bias else None, stride=first.stride, padding=pads, dilation=dil, groups=groups,
+                padding_mode=mode)
+
+
+def _add_regrouped(out: np.ndarray, conv: Conv, groups: int, where: tuple) -> None:
+    """``out[where] += regroup(conv, groups).weight`` without building the expanded kernel."""
+    g, in_g = conv.groups, conv.weight.shape[1]
+    per, out_g = g // groups, conv.out_channels // g
+    for src in range(g):
+        local = src % per
+        rows = slice(src * out_g, (src + 1) * out_g)
+        cols = slice(local * in_g, (local + 1) * in_g)
+        out[(rows, cols, *where[2:])] += conv.weight[rows]
 
 
 def compose(a: Conv, b: Conv) -> Conv:
@@ -210,6 +233,8 @@ def compose(a: Conv, b: Conv) -> Conv:
     else:
         mode = a.padding_mode if a.is_padded else "zeros"
 
+    if _is_channel_scale(a):
+        return _scale_inputs(a, b, mode)
     nd = a.ndim
     groups = gcd(a.groups, b.groups)
     a, b = regroup(a, groups), regroup(b, groups)
@@ -240,6 +265,30 @@ def compose(a: Conv, b: Conv) -> Conv:
                 for i in range(nd))
     return Conv(w.reshape((c3, ig) + kern), bias, stride=tuple(sa[i] * sb[i] for i in range(nd)),
                 padding=pad, dilation=dil, groups=groups, padding_mode=mode)
+
+
+def _is_channel_scale(a: Conv) -> bool:
+    """``a`` scales (and shifts) each channel on its own: depthwise, 1x..x1, stride 1, unpadded."""
+    return (a.groups == a.out_channels == a.in_channels and a.is_pointwise and not a.is_padded
+            and all(s == 1 for s in a.stride))
+
+
+def _scale_inputs(a: Conv, b: Conv, mode: str) -> Conv:
+    """``b(a(x))`` for a per-channel ``a``: scale ``b``'s input channels; O(weights), no matrix product."""
+    s = a.weight.reshape(-1)
+    no_bias = a.bias is None or not np.any(a.bias)
+    if no_bias and np.all(s == 1):
+        return b if b.padding_mode == mode else b.with_(padding_mode=mode)
+    g, per = b.groups, b.weight.shape[1]
+    scale = s.reshape(g, 1, per)  # channel c of group gi is input gi*per + c
+    w = (b.weight.reshape((g, b.out_channels // g, per) + b.kernel_size)
+         * scale.reshape((g, 1, per) + (1,) * b.ndim)).reshape(b.weight.shape)
+    bias = b.bias
+    if not no_bias:
+        ksum = b.weight.sum(axis=tuple(range(2, b.weight.ndim))).reshape(g, -1, per)
+        pushed = np.einsum("goc,gc->go", ksum, a.bias.reshape(g, per)).reshape(-1)
+        bias = pushed + (0 if bias is None else bias)
+    return b.with_(weight=w, bias=bias, padding_mode=mode)
 
 
 def avgpool_conv(pool: AvgPool, channels: int) -> Conv:

@@ -141,9 +141,11 @@ def _value_cost(v: _Value) -> float:
 
 
 class _Planner:
-    def __init__(self, graph: LinearGraph, allow_costlier: bool) -> None:
+    def __init__(self, graph: LinearGraph, guarded: set[str]) -> None:
         self.g = graph
-        self.allow_costlier = allow_costlier
+        self.guarded = guarded  # nodes where a step that raises the cost is refused
+        self.op_cost: dict[str, tuple[float, float]] = {}  # node -> (MACs per output, stride product)
+        self.current = ""
         self.users = graph.users()
         self.values: dict[str, _Value] = {}
         self.exits: set[str] = set()
@@ -217,7 +219,8 @@ class _Planner:
             pushed = np.einsum("goc,gc->go", ksum.reshape(g, -1, ksum.shape[1]), v.bias.reshape(g, -1))
             bias = pushed.reshape(-1) + (0 if bias is None else bias)
         out = _Value(terms, bias, b.out_channels, b.ndim)
-        if not self.allow_costlier:
+        self.op_cost[self.current] = (float(macs_per_output(b)), float(np.prod(b.stride)))
+        if self.current in self.guarded:
             before = _value_cost(v) * float(np.prod(b.stride)) + macs_per_output(b)
             after = _value_cost(out)
             if after > before:
@@ -235,7 +238,7 @@ class _Planner:
             for s, t in v.terms.items():
                 grouped.setdefault(s, []).append(t)
         terms = {s: sum_convs(ts) for s, ts in grouped.items()}
-        if not self.allow_costlier:
+        if self.current in self.guarded:
             before = sum(_value_cost(v) for v in ins)
             after = float(sum(macs_per_output(t) for t in terms.values()))
             if after > before:
@@ -255,6 +258,7 @@ class _Planner:
         for name, node in g.nodes.items():
             if name in self.opaque:
                 continue
+            self.current = name
             try:
                 self.values[name] = self._apply(node, [self._input_value(i) for i in node.inputs])
                 continue
@@ -320,9 +324,37 @@ def _terms(v: _Value, order: dict[str, int]) -> list[Term]:
     return terms
 
 
+def _original_cost(p: _Planner, region: Region) -> float:
+    """MACs per exit position of the region's own ops (each op weighted by the strides after it)."""
+    inside = set(region.nodes)
+    total = 0.0
+    for n in region.nodes:
+        cost, _ = p.op_cost.get(n, (0.0, 1.0))
+        if not cost:
+            continue
+        factor, cur = 1.0, n
+        while cur != region.exit:
+            cur = next(u for u in p.users[cur] if u in inside)
+            factor *= p.op_cost.get(cur, (0.0, 1.0))[1]
+        total += cost * factor
+    return total
+
+
 def plan(graph: LinearGraph, *, allow_costlier: bool = False) -> Plan:
-    """Find and collapse every linear region of ``graph``; the graph itself is not modified."""
-    return _Planner(graph, allow_costlier).run()
+    """Find and collapse every linear region of ``graph``; the graph itself is not modified.
+
+    Unless ``allow_costlier``, a region whose collapsed convs would cost more MACs than its original ops
+    is planned again with every step inside it guarded: a step that raises the cost is refused (and cut).
+    """
+    first = _Planner(graph, set())
+    result = first.run()
+    if allow_costlier:
+        return result
+    costly = [r for r in result.regions
+              if sum(macs_per_output(t.conv) for t in r.terms if not t.identity) > _original_cost(first, r)]
+    if not costly:
+        return result
+    return _Planner(graph, {n for r in costly for n in r.nodes}).run()
 
 
 def collapse(graph: LinearGraph, exit: str, *, allow_costlier: bool = True) -> list[Term]:

@@ -90,7 +90,6 @@ def apply_plan(gm: fx.GraphModule, plan: core.Plan, lg: core.LinearGraph, report
                rw: Rewrite, prefix: str = "") -> int:
     """Rewrite ``gm.graph`` in place from ``plan``; returns the number of regions rewritten."""
     graph = gm.graph
-    order = {n: i for i, n in enumerate(graph.nodes)}
     replaced: dict[str, fx.Node] = {}
     done = 0
     for region in plan.regions:
@@ -100,7 +99,7 @@ def apply_plan(gm: fx.GraphModule, plan: core.Plan, lg: core.LinearGraph, report
         exit_node = nodes[-1]
         where = prefix + exit_node.name
         try:
-            _check_no_mutation(region, lg, exit_node, order, gm)
+            _check_no_mutation(region, lg, exit_node, gm)
             dtype, device = _params_and_place(nodes, gm)
             modules = [(t, None if t.identity else to_module(t.conv, dtype=dtype, device=device))
                        for t in region.terms]
@@ -132,16 +131,26 @@ def apply_plan(gm: fx.GraphModule, plan: core.Plan, lg: core.LinearGraph, report
     return done
 
 
-def _check_no_mutation(region: core.Region, lg: core.LinearGraph, exit_node: fx.Node, order, gm) -> None:
+def _check_no_mutation(region: core.Region, lg: core.LinearGraph, exit_node: fx.Node, gm) -> None:
     """Moving a source's reads to the exit is exact only if nothing overwrites the source in between."""
     inside = {lg.nodes[n].payload for n in region.nodes}
     for term in region.terms:
         src = lg.nodes[term.source].payload
         for user in src.users:
-            if user in inside or order[user] >= order[exit_node]:
+            if user in inside or _mutates(user, gm) is not src:
                 continue
-            if _mutates(user, gm) is src:
+            if _before(user, exit_node):
                 raise NotFusable(f"{user.name} overwrites {src.name} in place before the region's exit")
+
+
+def _before(a: fx.Node, b: fx.Node) -> bool:
+    """``a`` runs before ``b`` in the graph (walks forward from ``a``; only called for in-place users)."""
+    n = a.next
+    while n.op != "root":
+        if n is b:
+            return True
+        n = n.next
+    return False
 
 
 def fold_conv_transpose_bn(gm: fx.GraphModule, report: FuseReport, rw: Rewrite, prefix: str = "") -> int:

@@ -169,6 +169,8 @@ def _classify_module(node: fx.Node, gm: fx.GraphModule):
     if isinstance(m, nn.Linear):
         shape = _meta_shape(node.args[0])
         if shape is None or len(shape) != 2:
+            if not _feeds_bn(node, gm):
+                return None, None
             raise NotFusable(f"Linear {node.target!r} is folded only on a known 2-D input "
                              "(pass example_inputs so shapes are known)")
     if isinstance(m, (*_CONVS, *_BNS, nn.Linear)) and getattr(m, "training", False):
@@ -179,6 +181,15 @@ def _classify_module(node: fx.Node, gm: fx.GraphModule):
         if isinstance(m, (*_CONVS, *_BNS, nn.Linear)):
             raise NotFusable(f"{node.target!r}: {err}") from None
         return None, None
+
+
+def _feeds_bn(node: fx.Node, gm: fx.GraphModule) -> bool:
+    for u in node.users:
+        if u.op == "call_module" and isinstance(gm.get_submodule(u.target), _BNS):
+            return True
+        if u.op == "call_function" and u.target in (F.batch_norm, torch.batch_norm):
+            return True
+    return False
 
 
 def _binary(node, gm, a, b, kind: str, info):
