@@ -38,12 +38,13 @@ def to_tensor(a: np.ndarray, like: torch.Tensor | None = None, *, dtype=None, de
     """Cast a float64 result to the model's dtype and device, refusing non-finite values (also after the cast)."""
     dtype = dtype or (like.dtype if like is not None else torch.float32)
     device = device or (like.device if like is not None else "cpu")
-    t = torch.from_numpy(np.ascontiguousarray(a)).to(dtype=dtype, device=device)
-    if not bool(torch.isfinite(t).all()):  # a non-finite float64 value stays non-finite after the cast
-        if not np.all(np.isfinite(a)):
+    if a.size:
+        peak = float(np.abs(a).max())  # NaN propagates into the max
+        if not np.isfinite(peak):
             raise NotFusable(f"{what} has non-finite values after folding")
-        raise NotFusable(f"{what} overflows {dtype} (max |value| {np.abs(a).max():.3g})")
-    return t
+        if dtype.is_floating_point and peak > torch.finfo(dtype).max:
+            raise NotFusable(f"{what} overflows {dtype} (max |value| {peak:.3g} > {torch.finfo(dtype).max:.3g})")
+    return torch.from_numpy(np.ascontiguousarray(a)).to(dtype=dtype, device=device)
 
 
 def _standard(module: nn.Module, bases: tuple[type, ...]) -> None:

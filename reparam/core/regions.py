@@ -269,7 +269,7 @@ class _Planner:
             try:
                 self.values[name] = self._apply(node, [self._input_value(i) for i in node.inputs])
             except NotFusable as err:
-                if not cut or str(err) != self.refusals[-1].reason:
+                if str(err) != self.refusals[-1].reason:
                     self.refusals.append(Refusal(name, str(err)))
                 self._make_opaque(name)
         return Plan(self._regions(), self.refusals)

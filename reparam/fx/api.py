@@ -13,7 +13,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .. import core
 from ..core.errors import ReparamError
 from .report import FuseReport
-from .rewrite import Rewrite, apply_plan, fold_conv_transpose_bn
+from .rewrite import Rewrite, apply_plan, drop_identities, fold_conv_transpose_bn
 from .tracing import eval_mode, trace
 from .translate import translate
 
@@ -85,7 +85,7 @@ def _fuse_traced(gm: fx.GraphModule, inputs: tuple, rep: FuseReport, allow_costl
             rep.skipped.append((prefix or "shape propagation", f"example inputs did not run ({_brief(err)}); "
                                 "continuing without shapes"))
     rw = Rewrite()
-    changed = fold_conv_transpose_bn(gm, rep, rw, prefix)
+    changed = drop_identities(gm, rep, prefix) + fold_conv_transpose_bn(gm, rep, rw, prefix)
     tr = translate(gm)
     rep.refused.extend((prefix + n, why) for n, why in tr.refused)
     plan = core.plan(tr.graph, allow_costlier=allow_costlier)

@@ -153,6 +153,36 @@ def _before(a: fx.Node, b: fx.Node) -> bool:
     return False
 
 
+def drop_identities(gm: fx.GraphModule, report: FuseReport, prefix: str = "") -> int:
+    """Remove eval-mode no-ops (nn.Identity, dropout modules and ``F.dropout(training=False)``)."""
+    from ..torch_ops import _IDENTITIES
+
+    done = 0
+    for node in list(gm.graph.nodes):
+        if len(node.args) < 1 or not isinstance(node.args[0], fx.Node):
+            continue
+        if node.op == "call_module":
+            m = gm.get_submodule(node.target)
+            if not (isinstance(m, _IDENTITIES) and _plain_forward(m) and not m._forward_hooks
+                    and not m._forward_pre_hooks and len(node.args) == 1 and not node.kwargs):
+                continue
+            label = type(m).__name__
+        elif node.op == "call_function" and getattr(node.target, "__name__", "") in _DROPOUT_NAMES:
+            if node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True) is not False:
+                continue
+            label = node.target.__name__
+        else:
+            continue
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+        report.regions.append(RegionReport(prefix + node.name, [label], 0, 0))
+        done += 1
+    return done
+
+
+_DROPOUT_NAMES = {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout"}
+
+
 def fold_conv_transpose_bn(gm: fx.GraphModule, report: FuseReport, rw: Rewrite, prefix: str = "") -> int:
     """ConvTranspose followed by its only user, an eval-mode BN module: one transposed conv."""
     done = 0
