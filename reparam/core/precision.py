@@ -31,6 +31,9 @@ def cast_array(a: np.ndarray, dtype, what: str) -> np.ndarray:
     """Cast a float64 result to ``dtype``; a non-finite value, before or after the cast, is refused."""
     if not np.all(np.isfinite(a)):
         raise NotFusable(f"{what} has non-finite values after folding (overflow or NaN in the inputs)")
+    if np.dtype(dtype).kind in "iub":
+        raise NotFusable(f"{what} cannot be stored in the input's {np.dtype(dtype).name} dtype without rounding; "
+                         "give the weights a floating-point dtype")
     out = a.astype(dtype)
     if not np.all(np.isfinite(f64(out))):
         raise NotFusable(f"{what} overflows {np.dtype(dtype).name} (max |value| {np.abs(a).max():.3g})")

@@ -403,7 +403,13 @@ def sum_branches(branches: Sequence[Sequence[LinearOp]], channels: int | None = 
     else:
         out = ends[0]
     g.mark_output(out)
-    terms = collapse(g, out)
+    p = plan(g, allow_costlier=True)
+    if p.refusals:
+        first = p.refusals[0]
+        raise NotFusable(f"{first.node}: {first.reason}")
+    terms = next(r.terms for r in p.regions if r.exit == out)
+    if len(terms) != 1 or terms[0].source != "x":
+        raise NotFusable(f"the branches do not reduce to one conv of the input (sources: {[t.source for t in terms]})")
     (term,) = terms
     if dtype is None:
         first = next((op for ops in branches for op in ops if isinstance(op, Conv)), None)
