@@ -23,7 +23,8 @@ SUBCOMMANDS = {
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reparam", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="reparam", description="Exact structural re-parameterization: fold multi-branch CNNs into plain convs.")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module in SUBCOMMANDS.items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-__all__ = ["build_profile_parser", "profile_main"]
+__all__ = ["build_profile_parser", "profile_main", "register"]
 
 
 def build_profile_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -22,6 +22,33 @@ def build_profile_parser(parser: argparse.ArgumentParser | None = None) -> argpa
     return parser
 
 
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``reparam profile`` to the ``reparam`` command."""
+    parser = sub.add_parser("profile", help="parameters and MACs of zoo models",
+                            description="Print parameters and MACs of reparam_zoo models (paper's counting rule).")
+    build_profile_parser(parser)
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from reparam.core.errors import ReparamError
+
+    from .profiling import profile_table
+    from .registry import list_models
+
+    try:
+        size = _input_size(args.input_size)
+    except ValueError as exc:
+        raise ReparamError(str(exc)) from None
+    names = list_models() if args.models == ["all"] else args.models
+    unknown = [n for n in names if n not in list_models()]
+    if unknown:
+        raise ReparamError(f"unknown model(s) {', '.join(unknown)}; available: {', '.join(list_models())}")
+    print(f"input size {tuple(size)}" + (", deploy form" if args.deploy else ""))
+    print(profile_table(names, size, deploy=args.deploy, num_classes=args.num_classes))
+    return 0
+
+
 def _input_size(values: Sequence[int]) -> tuple[int, ...]:
     if len(values) == 2:
         return (1, 3, *values)
@@ -34,22 +61,9 @@ def _input_size(values: Sequence[int]) -> tuple[int, ...]:
 
 def profile_main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (without the sub-command name), print a params/MACs table, return the exit code."""
-    from .profiling import profile_table
-    from .registry import list_models
+    from reparam.cli import main
 
-    parser = build_profile_parser()
-    args = parser.parse_args(argv)
-    try:
-        size = _input_size(args.input_size)
-    except ValueError as exc:
-        parser.error(str(exc))
-    names = list_models() if args.models == ["all"] else args.models
-    unknown = [n for n in names if n not in list_models()]
-    if unknown:
-        parser.error(f"unknown model(s) {', '.join(unknown)}; available: {', '.join(list_models())}")
-    print(f"input size {tuple(size)}" + (", deploy form" if args.deploy else ""))
-    print(profile_table(names, size, deploy=args.deploy, num_classes=args.num_classes))
-    return 0
+    return main(["profile", *(argv if argv is not None else __import__("sys").argv[1:])])
 
 
 if __name__ == "__main__":
