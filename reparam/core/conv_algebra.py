@@ -307,7 +307,9 @@ def avgpool_conv(pool: AvgPool, channels: int) -> Conv:
 
 def pad_conv(pad: Pad, channels: int) -> Conv:
     """Spatial padding as an identity conv that pads: zeros/constant 0, reflect, replicate or circular."""
-    mode = {"constant": "zeros"}.get(pad.mode, pad.mode)
+    mode = {"constant": "zeros", "edge": "replicate", "wrap": "circular"}.get(pad.mode, pad.mode)
+    if mode not in ("zeros", "reflect", "replicate", "circular"):
+        raise NotFusable(f"padding mode {pad.mode!r} is not one reparam folds")
     if mode == "zeros" and pad.value != 0:
         raise NotFusable(f"constant padding with value {pad.value} is not linear-homogeneous; only 0 folds")
     if any(p < 0 for pair in pad.padding for p in pair):

@@ -34,7 +34,8 @@ def cast_array(a: np.ndarray, dtype, what: str) -> np.ndarray:
     if np.dtype(dtype).kind in "iub":
         raise NotFusable(f"{what} cannot be stored in the input's {np.dtype(dtype).name} dtype without rounding; "
                          "give the weights a floating-point dtype")
-    out = a.astype(dtype)
+    with np.errstate(over="ignore"):  # an overflow is reported below as a refusal, not a warning
+        out = a.astype(dtype)
     if not np.all(np.isfinite(f64(out))):
         raise NotFusable(f"{what} overflows {np.dtype(dtype).name} (max |value| {np.abs(a).max():.3g})")
     return out

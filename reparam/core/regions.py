@@ -186,6 +186,8 @@ class _Planner:
         if isinstance(op, Identity):
             return v
         if isinstance(op, BatchNorm):
+            if op.channels != v.channels:
+                raise NotFusable(f"batch norm has {op.channels} channels but its input has {v.channels}")
             op = op.to_affine()
         if isinstance(op, Affine):
             scale, shift = op.scale_for(v.channels), op.shift_for(v.channels)

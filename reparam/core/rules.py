@@ -29,6 +29,9 @@ def fold_bn(conv: Conv, bn: BatchNorm | Affine) -> Conv:
 
 def fold_bn_transpose(conv: ConvTranspose, bn: BatchNorm | Affine) -> ConvTranspose:
     """``bn(conv_transpose(x))`` as one transposed conv; scales each group's output slice of the weight."""
+    if isinstance(bn, BatchNorm) and bn.channels != conv.out_channels:
+        raise _alg.NotFusable(f"batch norm has {bn.channels} channels, the transposed conv outputs "
+                              f"{conv.out_channels}")
     aff = _affine_of(bn)
     n, g = conv.out_channels, conv.groups
     s, t = aff.scale_for(n), aff.shift_for(n)
