@@ -124,9 +124,10 @@ class LinearGraph:
         self.outputs.update(names)
 
     def users(self) -> dict[str, list[str]]:
+        """Distinct reading nodes of every node (a node reading a value twice counts once)."""
         out: dict[str, list[str]] = {n: [] for n in self.nodes}
         for node in self.nodes.values():
-            for i in node.inputs:
+            for i in dict.fromkeys(node.inputs):
                 out[i].append(node.name)
         return out
 
@@ -141,9 +142,10 @@ def _value_cost(v: _Value) -> float:
 
 
 class _Planner:
-    def __init__(self, graph: LinearGraph, guarded: set[str]) -> None:
+    def __init__(self, graph: LinearGraph, guarded: set[str], split: set[str] = frozenset()) -> None:
         self.g = graph
         self.guarded = guarded  # nodes where a step that raises the cost is refused
+        self.split = split  # nodes where an op on a value with several sources is refused
         self.op_cost: dict[str, tuple[float, float]] = {}  # node -> (MACs per output, stride product)
         self.current = ""
         self.users = graph.users()
@@ -183,6 +185,9 @@ class _Planner:
         if isinstance(op, Add):
             return self._add(ins)
         (v,) = ins
+        if len(v.terms) > 1 and self.current in self.split and not isinstance(op, Identity):
+            raise NotFusable(f"folding this op into a sum of {len(v.terms)} sources would repeat it for each "
+                             "source without removing it")
         if isinstance(op, Identity):
             return v
         if isinstance(op, BatchNorm):
@@ -253,10 +258,7 @@ class _Planner:
     # -- the pass ------------------------------------------------------------------------------------
     def run(self) -> Plan:
         g = self.g
-        for name, node in g.nodes.items():
-            if node.op is not None and (name in g.outputs or len(self.users[name]) != 1
-                                        or self.users[name][0] in self.opaque):
-                self.exits.add(name)
+        self._choose_exits()
         for name, node in g.nodes.items():
             if name in self.opaque:
                 continue
@@ -276,6 +278,22 @@ class _Planner:
                 self._make_opaque(name)
         return Plan(self._regions(), self.refusals)
 
+    def _choose_exits(self) -> None:
+        """Materialize graph outputs, values read by opaque nodes, and values whose readers lead to more than
+        one exit; a value read several times inside one region is computed inline."""
+        reach: dict[str, frozenset[str]] = {}
+        for name in reversed(self.g.nodes):
+            if name in self.opaque:
+                continue
+            users = self.users[name]
+            if name in self.g.outputs or not users or any(u in self.opaque for u in users):
+                self.exits.add(name)
+            else:
+                leads = frozenset().union(*(reach[u] for u in users))
+                if len(leads) != 1:
+                    self.exits.add(name)
+            reach[name] = frozenset({name}) if name in self.exits else leads
+
     def _make_opaque(self, name: str) -> None:
         self.opaque.add(name)
         self.exits.discard(name)
@@ -290,13 +308,14 @@ class _Planner:
         for e in sorted(self.exits, key=order.get):
             if e in self.opaque:
                 continue
-            members, stack = [], [e]
+            members, stack = {e}, [e]
             while stack:
                 n = stack.pop()
-                members.append(n)
-                stack.extend(i for i in self.g.nodes[n].inputs
-                             if i not in self.opaque and i not in self.exits)
-            members.sort(key=order.get)
+                for i in self.g.nodes[n].inputs:
+                    if i not in self.opaque and i not in self.exits and i not in members:
+                        members.add(i)
+                        stack.append(i)
+            members = sorted(members, key=order.get)
             regions.append(Region(e, members, _terms(self.values[e], order)))
         return regions
 
@@ -347,16 +366,18 @@ def plan(graph: LinearGraph, *, allow_costlier: bool = False) -> Plan:
 
     Unless ``allow_costlier``, a region whose collapsed convs would cost more MACs than its original ops
     is planned again with every step inside it guarded: a step that raises the cost is refused (and cut).
+    A region whose rewrite would not reduce the op count is planned again without folding ops into sums
+    of several sources, so the parts of it that do shrink (a conv and its BN) are still collapsed.
     """
     first = _Planner(graph, set())
     result = first.run()
-    if allow_costlier:
+    costly = [] if allow_costlier else [
+        r for r in result.regions
+        if sum(macs_per_output(t.conv) for t in r.terms if not t.identity) > _original_cost(first, r)]
+    unworthy = [r for r in result.regions if not r.worthwhile and len(r.nodes) > 1]
+    if not costly and not unworthy:
         return result
-    costly = [r for r in result.regions
-              if sum(macs_per_output(t.conv) for t in r.terms if not t.identity) > _original_cost(first, r)]
-    if not costly:
-        return result
-    return _Planner(graph, {n for r in costly for n in r.nodes}).run()
+    return _Planner(graph, {n for r in costly for n in r.nodes}, {n for r in unworthy for n in r.nodes}).run()
 
 
 def collapse(graph: LinearGraph, exit: str, *, allow_costlier: bool = True) -> list[Term]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,7 +13,7 @@ from .. import core
 from ..core.errors import ReparamError
 from .report import FuseReport
 from .rewrite import Rewrite, apply_plan, drop_identities, fold_conv_transpose_bn
-from .tracing import eval_mode, trace
+from .tracing import eval_mode, frozen_training_state, safe_deepcopy, trace
 from .translate import translate
 
 
@@ -56,13 +55,13 @@ def fuse(model: nn.Module, example_inputs: Any = None, *, inplace: bool = False,
         except Exception as err:  # fx raises many types for untraceable code
             rep.skipped.append((type(model).__name__, f"not traceable as a whole ({_brief(err)}); "
                                 "fusing its submodules one by one"))
-            root = model if inplace else copy.deepcopy(model)
+            root = model if inplace else safe_deepcopy(model)
             shapes = _capture_inputs(root, inputs) if inputs else {}
             fused = _fuse_children(root, "", shapes, rep, allow_costlier)
         else:
             fused = _fuse_traced(gm, inputs, rep, allow_costlier, "", copy_originals=not inplace)
             if fused is None:
-                fused = model if inplace else copy.deepcopy(model)
+                fused = model if inplace else safe_deepcopy(model)
     fused.eval()
     rep.params_after = _count_params(fused)
     fused.reparam_report = rep
@@ -79,7 +78,7 @@ def _fuse_traced(gm: fx.GraphModule, inputs: tuple, rep: FuseReport, allow_costl
     """Fuse a traced module; None when nothing changed (the caller keeps the original)."""
     if inputs:
         try:
-            with torch.no_grad():
+            with torch.no_grad(), frozen_training_state(gm):
                 ShapeProp(gm).propagate(*inputs)
         except Exception as err:
             rep.skipped.append((prefix or "shape propagation", f"example inputs did not run ({_brief(err)}); "
@@ -108,7 +107,7 @@ def _copy_originals(out: fx.GraphModule, rw: Rewrite) -> None:
     """Replace the references to the input model's modules/tensors by copies (sharing preserved)."""
     originals = {t: _get(out, t) for t in _targets(out) if t not in rw.modules}
     memo = {id(m): m for m in rw.modules.values()}
-    copies = copy.deepcopy(originals, memo)
+    copies = safe_deepcopy(originals, memo)
     for t, obj in copies.items():
         _set(out, t, obj)
 
@@ -138,7 +137,7 @@ def _capture_inputs(root: nn.Module, inputs: tuple) -> dict[nn.Module, tuple]:
 
     handles = [m.register_forward_pre_hook(hook) for m in root.modules()]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), frozen_training_state(root):
             root(*inputs)
     except Exception:
         pass

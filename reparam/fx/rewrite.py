@@ -41,12 +41,19 @@ def _mutates(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
     if node.op == "call_method" and str(node.target).endswith("_") and not str(node.target).endswith("__"):
         return first
     if node.op == "call_function":
-        if node.kwargs.get("inplace") or (getattr(node.target, "__name__", "").startswith("i") and \
-                node.target in (operator.iadd, operator.imul, operator.isub, operator.itruediv)):
+        name = getattr(node.target, "__name__", "")
+        out = node.kwargs.get("out")
+        if isinstance(out, fx.Node):
+            return out
+        if node.kwargs.get("inplace") or node.target in _INPLACE_OPERATORS or (
+                name.endswith("_") and not name.endswith("__")):  # torch.relu_, F.relu_, torch.clamp_, ...
             return first
     if node.op == "call_module" and getattr(gm.get_submodule(node.target), "inplace", False):
         return first
     return None
+
+
+_INPLACE_OPERATORS = (operator.iadd, operator.imul, operator.isub, operator.itruediv)
 
 
 def _params_and_place(region_nodes: list[fx.Node], gm: fx.GraphModule) -> tuple[torch.dtype, torch.device]:
@@ -72,7 +79,9 @@ def _module_name(region, convs, nodes, exit_node, term, gm, rw) -> str:
     if single and convs and convs[0].op == "call_module":
         target = str(convs[0].target)
         inside = set(nodes)
-        others = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == target and n not in inside]
+        others = [n for n in gm.graph.nodes if n not in inside and (
+            (n.op == "call_module" and n.target == target)
+            or (n.op == "get_attr" and str(n.target).startswith(target + ".")))]
         if not others and target not in rw.modules:
             return target
     return _fresh_name(f"{exit_node.name}_{term.source}", gm, rw.modules)

@@ -3,11 +3,31 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import operator
 from collections.abc import Iterator
 
+import torch
 from torch import fx, nn
 
 from ..torch_ops import _BNS, _CONV_TRANSPOSES, _CONVS, _PADS, _POOLS
+
+
+class _InplaceProxy(fx.Proxy):
+    """Records ``y += b`` as ``operator.iadd`` so the traced graph keeps the in-place update (and aliases see it);
+    plain fx falls back to ``y = y + b`` there, which changes what other references to ``y`` read."""
+
+    def __iadd__(self, other):
+        return self.tracer.create_proxy("call_function", operator.iadd, (self, other), {})
+
+    def __isub__(self, other):
+        return self.tracer.create_proxy("call_function", operator.isub, (self, other), {})
+
+    def __imul__(self, other):
+        return self.tracer.create_proxy("call_function", operator.imul, (self, other), {})
+
+    def __itruediv__(self, other):
+        return self.tracer.create_proxy("call_function", operator.itruediv, (self, other), {})
 
 
 class ReparamTracer(fx.Tracer):
@@ -20,7 +40,12 @@ class ReparamTracer(fx.Tracer):
 
     _LEAVES = (*_CONVS, *_CONV_TRANSPOSES, *_POOLS, *_PADS, nn.Linear)
 
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _InplaceProxy(node, self)
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if m.training:  # stays in training mode after eval(): keep it whole, with its own train()
+            return True
         if isinstance(m, _BNS):
             return _plain_forward(m)
         if isinstance(m, self._LEAVES) and _plain_forward(m):
@@ -70,8 +95,32 @@ def eval_mode(module: nn.Module, keep: bool) -> Iterator[None]:
                 m.training = flag
 
 
-def still_training(module: nn.Module) -> bool:
-    """A module that stays in training mode after ``eval()`` (it overrides ``train``)."""
-    return bool(module.training)
+@contextlib.contextmanager
+def frozen_training_state(module: nn.Module) -> Iterator[None]:
+    """Run ``module`` without leaving a trace: buffers of submodules still in training mode (BN running
+    statistics) are restored afterwards."""
+    saved = [(b, b.detach().clone()) for m in module.modules() if m.training for b in m.buffers(recurse=False)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, old in saved:
+                b.copy_(old)
+
+
+def safe_deepcopy(obj, memo: dict | None = None):
+    """``copy.deepcopy`` that also copies modules holding computed (non-leaf) tensors, such as old-style
+    ``weight_norm``'s ``weight``: those are detached copies, recomputed by their hooks on the next call.
+    Objects already in ``memo`` (by id) are used as they are."""
+    memo = {} if memo is None else memo
+    modules = obj.values() if isinstance(obj, dict) else [obj]
+    for root in modules:
+        if not isinstance(root, nn.Module):
+            continue
+        for m in root.modules():
+            for v in vars(m).values():
+                if isinstance(v, torch.Tensor) and not v.is_leaf:
+                    memo[id(v)] = v.detach().clone()
+    return copy.deepcopy(obj, memo)
 
 
