@@ -39,7 +39,7 @@ def to_tensor(a: np.ndarray, like: torch.Tensor | None = None, *, dtype=None, de
     dtype = dtype or (like.dtype if like is not None else torch.float32)
     device = device or (like.device if like is not None else "cpu")
     if a.size:
-        peak = float(np.abs(a).max())  # NaN propagates into the max
+        peak = max(abs(float(a.max())), abs(float(a.min())))  # no temporary; NaN propagates
         if not np.isfinite(peak):
             raise NotFusable(f"{what} has non-finite values after folding")
         if dtype.is_floating_point and peak > torch.finfo(dtype).max:

@@ -136,7 +136,7 @@ def _merged_mode(convs: list[Conv], what: str) -> str:
     return modes.pop() if modes else "zeros"
 
 
-def sum_convs(convs: list[Conv]) -> Conv:
+def sum_convs(convs: list[Conv], reuse_first: bool = False) -> Conv:
     """One conv computing the sum of convs applied to the same input.
 
     Legal when channels, ndim and stride agree and every output size agrees for every input size. The
@@ -172,10 +172,20 @@ def sum_convs(convs: list[Conv]) -> Conv:
         dil.append(d)
         kern.append((max(ends) - s0) // d + 1)
     start, dil, kern = tuple(start), tuple(dil), tuple(kern)
-    weight = np.zeros((first.out_channels, first.in_channels // groups, *kern))
+    shape = (first.out_channels, first.in_channels // groups, *kern)
+    own = (reuse_first and first.weight.shape == shape and first.weight.dtype == np.float64
+           and first.groups == groups and first.weight.flags.writeable)
+    if own:  # the caller hands over the first kernel: accumulate into it instead of a new array
+        where, pads = _window_slices(first, start, dil, kern)
+        own = all(sl == slice(0, k, 1) for sl, k in zip(where[2:], kern))
+    weight = first.weight if own else np.zeros(shape)
     bias = np.zeros(first.out_channels)
     any_bias = False
-    for c in convs:
+    for k, c in enumerate(convs):
+        if own and k == 0:
+            if c.bias is not None:
+                any_bias, bias = True, bias + c.bias
+            continue
         where, pads = _window_slices(c, start, dil, kern)
         if c.groups == groups:
             weight[where] += c.weight

@@ -95,6 +95,7 @@ class _Value:
     bias: np.ndarray | None
     channels: int
     ndim: int
+    owned: frozenset[str] = frozenset()  # sources whose kernel array the planner made and may update in place
 
 
 class LinearGraph:
@@ -174,10 +175,13 @@ class _Planner:
         c, nd = (known.channels, known.ndim) if known is not None else self._source_shape(name)
         return _Value({name: identity(c, nd)}, None, c, nd)
 
-    def _input_value(self, name: str) -> _Value:
+    def _input_value(self, name: str, reader: Node) -> _Value:
         if name in self.opaque or name in self.exits:
             return self._source(name)
-        return self.values[name]
+        v = self.values[name]
+        if v.owned and (len(self.users[name]) != 1 or reader.inputs.count(name) != 1):
+            v = _Value(v.terms, v.bias, v.channels, v.ndim)  # read more than once: no in-place updates
+        return v
 
     # -- one step ------------------------------------------------------------------------------------
     def _apply(self, node: Node, ins: list[_Value]) -> _Value:
@@ -196,9 +200,15 @@ class _Planner:
             op = op.to_affine()
         if isinstance(op, Affine):
             scale, shift = op.scale_for(v.channels), op.shift_for(v.channels)
-            terms = {s: fold_affine(t, Affine(scale=scale)) for s, t in v.terms.items()}
+            terms = {}
+            for s, t in v.terms.items():
+                if s in v.owned:
+                    np.multiply(t.weight, scale.reshape((-1,) + (1,) * (t.weight.ndim - 1)), out=t.weight)
+                    terms[s] = t
+                else:
+                    terms[s] = fold_affine(t, Affine(scale=scale))
             bias = shift if v.bias is None else v.bias * scale + shift
-            return _Value(terms, bias, v.channels, v.ndim)
+            return _Value(terms, bias, v.channels, v.ndim, frozenset(terms))
         if isinstance(op, Conv):
             return self._conv(v, conv64(op))
         if isinstance(op, AvgPool):
@@ -225,7 +235,8 @@ class _Planner:
             ksum = b.weight.sum(axis=tuple(range(2, b.weight.ndim)))  # [out, in/g]
             pushed = np.einsum("goc,gc->go", ksum.reshape(g, -1, ksum.shape[1]), v.bias.reshape(g, -1))
             bias = pushed.reshape(-1) + (0 if bias is None else bias)
-        out = _Value(terms, bias, b.out_channels, b.ndim)
+        owned = frozenset(s for s, t in terms.items() if t.weight is not b.weight)
+        out = _Value(terms, bias, b.out_channels, b.ndim, owned)
         self.op_cost[self.current] = (float(macs_per_output(b)), float(np.prod(b.stride)))
         if self.current in self.guarded:
             before = _value_cost(v) * float(np.prod(b.stride)) + macs_per_output(b)
@@ -241,10 +252,13 @@ class _Planner:
         if len(chans) > 1 or len(nds) > 1:
             raise NotFusable(f"add of values with different channels/dims: {sorted(chans)}/{sorted(nds)}")
         grouped: dict[str, list[Conv]] = {}
+        owned: dict[str, bool] = {}
         for v in ins:
             for s, t in v.terms.items():
+                if s not in grouped:
+                    owned[s] = s in v.owned
                 grouped.setdefault(s, []).append(t)
-        terms = {s: sum_convs(ts) for s, ts in grouped.items()}
+        terms = {s: sum_convs(ts, reuse_first=owned[s]) for s, ts in grouped.items()}
         if self.current in self.guarded:
             before = sum(_value_cost(v) for v in ins)
             after = float(sum(macs_per_output(t) for t in terms.values()))
@@ -253,7 +267,8 @@ class _Planner:
                                  f"instead of {before:.0f} (allow_costlier=True permits it)")
         biases = [v.bias for v in ins if v.bias is not None]
         bias = np.sum(biases, axis=0) if biases else None
-        return _Value(terms, bias, ins[0].channels, ins[0].ndim)
+        owned_out = frozenset(s for s, ts in grouped.items() if len(ts) > 1 or owned[s])
+        return _Value(terms, bias, ins[0].channels, ins[0].ndim, owned_out)
 
     # -- the pass ------------------------------------------------------------------------------------
     def run(self) -> Plan:
@@ -264,14 +279,14 @@ class _Planner:
                 continue
             self.current = name
             try:
-                self.values[name] = self._apply(node, [self._input_value(i) for i in node.inputs])
+                self.values[name] = self._apply(node, [self._input_value(i, node) for i in node.inputs])
                 continue
             except NotFusable as err:
                 self.refusals.append(Refusal(name, str(err)))
             cut = [i for i in node.inputs if i not in self.opaque and i not in self.exits]
             self.exits.update(cut)
             try:
-                self.values[name] = self._apply(node, [self._input_value(i) for i in node.inputs])
+                self.values[name] = self._apply(node, [self._input_value(i, node) for i in node.inputs])
             except NotFusable as err:
                 if str(err) != self.refusals[-1].reason:
                     self.refusals.append(Refusal(name, str(err)))
