@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+__all__ = ["environment", "interleaved_medians", "ort_runner", "ort_session", "torch_runner"]
+
 
 def interleaved_medians(fns: Mapping[str, Callable[[], Any]], repeats: int = 20, warmup: int = 3) -> dict[str, float]:
     """Median seconds per call of each function, measured round-robin."""
@@ -64,6 +66,7 @@ def ort_session(model: Any, threads: int = 1, optimize: str = "basic"):
 
 
 def ort_runner(session, feeds: dict) -> Callable[[], Any]:
+    """A call of ``session.run`` on fixed feeds, for ``interleaved_medians``."""
     return lambda: session.run(None, feeds)
 
 

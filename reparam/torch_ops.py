@@ -89,6 +89,7 @@ def bn_from_module(m: nn.Module) -> core.BatchNorm:
 
 
 def pool_from_module(m: nn.Module) -> core.AvgPool:
+    """A core AvgPool from nn.AvgPool1d/2d/3d (count_include_pad, ceil_mode and divisor kept for the checks)."""
     _standard(m, _POOLS)
     nd = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}[next(c for c in _POOLS if isinstance(m, c))]
 
@@ -111,6 +112,7 @@ def pad_from_torch(pad: tuple[int, ...] | list[int], mode: str, value: float = 0
 
 
 def pad_from_module(m: nn.Module) -> core.Pad:
+    """A core Pad from a zero/constant, reflection, replication or circular padding module."""
     _standard(m, _PADS)
     if isinstance(m, nn.modules.padding._ConstantPadNd):
         return pad_from_torch(m.padding, "constant", m.value)

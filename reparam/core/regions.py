@@ -143,8 +143,10 @@ def _value_cost(v: _Value) -> float:
 
 
 class _Planner:
-    def __init__(self, graph: LinearGraph, guarded: set[str], split: set[str] = frozenset()) -> None:
+    def __init__(self, graph: LinearGraph, guarded: set[str], split: set[str] = frozenset(),
+                 forced: set[str] = frozenset()) -> None:
         self.g = graph
+        self.forced = forced  # nodes materialized whatever their readers
         self.guarded = guarded  # nodes where a step that raises the cost is refused
         self.split = split  # nodes where an op on a value with several sources is refused
         self.op_cost: dict[str, tuple[float, float]] = {}  # node -> (MACs per output, stride product)
@@ -280,6 +282,8 @@ class _Planner:
             self.current = name
             try:
                 self.values[name] = self._apply(node, [self._input_value(i, node) for i in node.inputs])
+                if len(self.users[name]) > 1 and len(self.values[name].terms) > 1:
+                    self.exits.add(name)  # inlining a sum of sources for several readers repeats them per source
                 continue
             except NotFusable as err:
                 self.refusals.append(Refusal(name, str(err)))
@@ -301,7 +305,7 @@ class _Planner:
             if name in self.opaque:
                 continue
             users = self.users[name]
-            if name in self.g.outputs or not users or any(u in self.opaque for u in users):
+            if name in self.forced or name in self.g.outputs or not users or any(u in self.opaque for u in users):
                 self.exits.add(name)
             else:
                 leads = frozenset().union(*(reach[u] for u in users))
@@ -382,17 +386,41 @@ def plan(graph: LinearGraph, *, allow_costlier: bool = False) -> Plan:
     Unless ``allow_costlier``, a region whose collapsed convs would cost more MACs than its original ops
     is planned again with every step inside it guarded: a step that raises the cost is refused (and cut).
     A region whose rewrite would not reduce the op count is planned again without folding ops into sums
-    of several sources, so the parts of it that do shrink (a conv and its BN) are still collapsed.
+    of several sources, so the parts of it that do shrink (a conv and its BN) are still collapsed.  Before
+    either guard, such regions are re-planned with their values read several times materialized.
     """
-    first = _Planner(graph, set())
-    result = first.run()
-    costly = [] if allow_costlier else [
-        r for r in result.regions
-        if sum(macs_per_output(t.conv) for t in r.terms if not t.identity) > _original_cost(first, r)]
-    unworthy = [r for r in result.regions if not r.worthwhile and len(r.nodes) > 1]
-    if not costly and not unworthy:
-        return result
-    return _Planner(graph, {n for r in costly for n in r.nodes}, {n for r in unworthy for n in r.nodes}).run()
+    forced: set[str] = set()
+    guarded: set[str] = set()
+    split: set[str] = set()
+    while True:
+        planner = _Planner(graph, guarded, split, forced)
+        result = planner.run()
+        # a cut made after a value was inlined can leave that value inside two regions: materialize it
+        seen: dict[str, int] = {}
+        for r in result.regions:
+            for n in r.nodes:
+                seen[n] = seen.get(n, 0) + 1
+        overlap = {n for n, k in seen.items() if k > 1}
+        if overlap - forced:
+            forced |= overlap
+            continue
+        costly = [] if allow_costlier else [
+            r for r in result.regions
+            if sum(macs_per_output(t.conv) for t in r.terms if not t.identity) > _original_cost(planner, r)]
+        unworthy = [r for r in result.regions if not r.worthwhile and len(r.nodes) > 1]
+        bad = costly + unworthy
+        if not bad:
+            return result
+        # first undo the optional choice (computing a value read several times inline), then guard steps
+        shared = {n for r in bad for n in r.nodes if n != r.exit and len(planner.users[n]) > 1} - forced
+        if shared:
+            forced |= shared
+            continue
+        new_guarded = guarded | {n for r in costly for n in r.nodes}
+        new_split = split | {n for r in unworthy for n in r.nodes}
+        if new_guarded == guarded and new_split == split:
+            return result
+        guarded, split = new_guarded, new_split
 
 
 def collapse(graph: LinearGraph, exit: str, *, allow_costlier: bool = True) -> list[Term]:

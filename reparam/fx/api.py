@@ -46,10 +46,11 @@ def fuse(model: nn.Module, example_inputs: Any = None, *, inplace: bool = False,
     inputs = _as_tuple(example_inputs)
     rep = FuseReport(params_before=_count_params(model))
     with eval_mode(model, keep=inplace):
-        for name, m in model.named_modules():
-            if m.training:
-                rep.refused.append((name or type(model).__name__,
-                                    f"{type(m).__name__} stays in training mode after eval(); left alone"))
+        stay_training = {name for name, m in model.named_modules() if m.training}
+        for name in stay_training:
+            m = model.get_submodule(name)
+            rep.refused.append((name or type(model).__name__,
+                                f"{type(m).__name__} stays in training mode after eval(); left alone"))
         try:
             gm = trace(model)
         except Exception as err:  # fx raises many types for untraceable code
@@ -63,6 +64,9 @@ def fuse(model: nn.Module, example_inputs: Any = None, *, inplace: bool = False,
             if fused is None:
                 fused = model if inplace else safe_deepcopy(model)
     fused.eval()
+    for name, m in fused.named_modules():  # modules that refuse eval() keep computing as they did
+        if name and name in stay_training:
+            m.training = True
     rep.params_after = _count_params(fused)
     fused.reparam_report = rep
     return (fused, rep) if report else fused

@@ -108,7 +108,7 @@ def apply_plan(gm: fx.GraphModule, plan: core.Plan, lg: core.LinearGraph, report
         exit_node = nodes[-1]
         where = prefix + exit_node.name
         try:
-            _check_no_mutation(region, lg, exit_node, gm)
+            _check_no_mutation(region, lg, exit_node, gm, replaced)
             dtype, device = _params_and_place(nodes, gm)
             modules = [(t, None if t.identity else to_module(t.conv, dtype=dtype, device=device))
                        for t in region.terms]
@@ -140,11 +140,13 @@ def apply_plan(gm: fx.GraphModule, plan: core.Plan, lg: core.LinearGraph, report
     return done
 
 
-def _check_no_mutation(region: core.Region, lg: core.LinearGraph, exit_node: fx.Node, gm) -> None:
+def _check_no_mutation(region: core.Region, lg: core.LinearGraph, exit_node: fx.Node, gm,
+                       replaced: dict[str, fx.Node]) -> None:
     """Moving a source's reads to the exit is exact only if nothing overwrites the source in between."""
     inside = {lg.nodes[n].payload for n in region.nodes}
     for term in region.terms:
         src = lg.nodes[term.source].payload
+        src = replaced.get(src.name, src)  # an earlier region's exit now lives in its replacement node
         for user in src.users:
             if user in inside or _mutates(user, gm) is not src:
                 continue
