@@ -209,8 +209,11 @@ def _add_regrouped(out: np.ndarray, conv: Conv, groups: int, where: tuple) -> No
         out[(rows, cols, *where[2:])] += conv.weight[rows]
 
 
-def compose(a: Conv, b: Conv) -> Conv:
+def compose(a: Conv, b: Conv, *, weights: bool = True) -> Conv:
     """One conv computing ``b(a(x))``.
+
+    ``weights=False`` checks legality and returns the composite's shape and bias with a zero-memory
+    placeholder kernel (a read-only broadcast of 0): the planner uses it to price a composition first.
 
     Always exact when ``b`` does not pad.  When ``b`` pads with zeros, ``a``'s output at the border must
     be zero, so ``a`` must be pointwise and bias-free, padding (if at all) with zeros; when ``b`` pads
@@ -243,11 +246,14 @@ def compose(a: Conv, b: Conv) -> Conv:
     else:
         mode = a.padding_mode if a.is_padded else "zeros"
 
-    if _is_channel_scale(a):
+    if _is_channel_scale(a) and weights:
         return _scale_inputs(a, b, mode)
     nd = a.ndim
-    groups = gcd(a.groups, b.groups)
-    a, b = regroup(a, groups), regroup(b, groups)
+    depthwise_a = a.groups == a.in_channels == a.out_channels
+    groups = b.groups if depthwise_a else gcd(a.groups, b.groups)
+    if not depthwise_a:
+        a = regroup(a, groups)
+    b = regroup(b, groups)
     sa, sb = a.stride, b.stride
     tap_a = [a.dilation[i] if a.kernel_size[i] > 1 else 0 for i in range(nd)]
     tap_b = [b.dilation[i] * sa[i] if b.kernel_size[i] > 1 else 0 for i in range(nd)]
@@ -256,12 +262,22 @@ def compose(a: Conv, b: Conv) -> Conv:
                  // dil[i] + 1 for i in range(nd))
     c3, c1 = b.out_channels, a.in_channels
     og, ig, mg = c3 // groups, c1 // groups, a.out_channels // groups
-    wa = a.weight.reshape((groups, mg, ig) + a.kernel_size)
     wb = b.weight.reshape((groups, og, mg) + b.kernel_size)
-    w = np.zeros((groups, og, ig) + kern)
+    if depthwise_a:  # per-channel kernels: each composite tap is b's tap times a's kernel, no matrix product
+        wa = a.weight.reshape((groups, 1, mg) + a.kernel_size)
+    else:
+        wa = a.weight.reshape((groups, mg, ig) + a.kernel_size)
+    if weights:
+        w = np.zeros((groups, og, ig) + kern)
+    else:
+        w = np.broadcast_to(np.float64(0.0), (groups, og, ig) + kern)
     a_step = tuple(a.dilation[i] // dil[i] if a.kernel_size[i] > 1 else 1 for i in range(nd))
-    for jb in itertools.product(*(range(k) for k in b.kernel_size)):
-        part = np.einsum("goc,gci...->goi...", wb[(Ellipsis, *jb)], wa)
+    for jb in itertools.product(*(range(k) for k in b.kernel_size)) if weights else ():
+        tap = wb[(Ellipsis, *jb)]
+        if depthwise_a:
+            part = tap.reshape(tap.shape + (1,) * nd) * wa
+        else:
+            part = np.einsum("goc,gci...->goi...", tap, wa)
         at = tuple(jb[i] * b.dilation[i] * sa[i] // dil[i] for i in range(nd))
         sl = tuple(slice(at[i], at[i] + a_step[i] * (a.kernel_size[i] - 1) + 1, a_step[i])
                    for i in range(nd))
@@ -273,7 +289,7 @@ def compose(a: Conv, b: Conv) -> Conv:
         bias = np.einsum("goc,gc->go", ksum, ab).reshape(c3) + b.bias_or_zeros()
     pad = tuple((a.padding[i][0] + sa[i] * b.padding[i][0], a.padding[i][1] + sa[i] * b.padding[i][1])
                 for i in range(nd))
-    return Conv(w.reshape((c3, ig) + kern), bias, stride=tuple(sa[i] * sb[i] for i in range(nd)),
+    return Conv(w.reshape((c3, ig, *kern)), bias, stride=tuple(sa[i] * sb[i] for i in range(nd)),
                 padding=pad, dilation=dil, groups=groups, padding_mode=mode)
 
 

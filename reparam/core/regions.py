@@ -96,6 +96,7 @@ class _Value:
     channels: int
     ndim: int
     owned: frozenset[str] = frozenset()  # sources whose kernel array the planner made and may update in place
+    priced: bool = False  # some kernel is a cost-only placeholder (see compose(weights=False))
 
 
 class LinearGraph:
@@ -144,8 +145,9 @@ def _value_cost(v: _Value) -> float:
 
 class _Planner:
     def __init__(self, graph: LinearGraph, guarded: set[str], split: set[str] = frozenset(),
-                 forced: set[str] = frozenset()) -> None:
+                 forced: set[str] = frozenset(), exact: set[str] = frozenset()) -> None:
         self.g = graph
+        self.exact = exact  # nodes whose costlier compositions are computed rather than only priced
         self.forced = forced  # nodes materialized whatever their readers
         self.guarded = guarded  # nodes where a step that raises the cost is refused
         self.split = split  # nodes where an op on a value with several sources is refused
@@ -182,7 +184,7 @@ class _Planner:
             return self._source(name)
         v = self.values[name]
         if v.owned and (len(self.users[name]) != 1 or reader.inputs.count(name) != 1):
-            v = _Value(v.terms, v.bias, v.channels, v.ndim)  # read more than once: no in-place updates
+            v = _Value(v.terms, v.bias, v.channels, v.ndim, priced=v.priced)  # read twice: no in-place updates
         return v
 
     # -- one step ------------------------------------------------------------------------------------
@@ -204,13 +206,14 @@ class _Planner:
             scale, shift = op.scale_for(v.channels), op.shift_for(v.channels)
             terms = {}
             for s, t in v.terms.items():
-                if s in v.owned:
+                if s in v.owned and t.weight.flags.writeable:
                     np.multiply(t.weight, scale.reshape((-1,) + (1,) * (t.weight.ndim - 1)), out=t.weight)
                     terms[s] = t
                 else:
                     terms[s] = fold_affine(t, Affine(scale=scale))
             bias = shift if v.bias is None else v.bias * scale + shift
-            return _Value(terms, bias, v.channels, v.ndim, frozenset(terms))
+            owned = frozenset(s for s, t in terms.items() if t.weight.flags.writeable)
+            return _Value(terms, bias, v.channels, v.ndim, owned, v.priced)
         if isinstance(op, Conv):
             return self._conv(v, conv64(op))
         if isinstance(op, AvgPool):
@@ -226,7 +229,15 @@ class _Planner:
             raise NotFusable(f"a conv expecting {b.in_channels} channels/{b.ndim}-d reads a value with "
                              f"{v.channels} channels/{v.ndim}-d")
         plain = b.with_(bias=None)
-        terms = {s: compose(t, plain) for s, t in v.terms.items()}
+        before = _value_cost(v) * float(np.prod(b.stride)) + macs_per_output(b)
+        priced = {s: compose(t, plain, weights=False) for s, t in v.terms.items()}
+        costlier = sum(macs_per_output(t) for t in priced.values()) > before
+        if costlier and self.current in self.guarded:
+            after = sum(macs_per_output(t) for t in priced.values())
+            raise NotFusable(f"composing would cost {after:.0f} MACs per output position instead of "
+                             f"{before:.0f} unfused (allow_costlier=True permits it)")
+        only_priced = costlier and self.current not in self.exact
+        terms = priced if only_priced else {s: compose(t, plain) for s, t in v.terms.items()}
         bias = b.bias
         if v.bias is not None and np.any(v.bias != 0):
             if b.is_padded and b.padding_mode == "zeros":
@@ -237,15 +248,9 @@ class _Planner:
             ksum = b.weight.sum(axis=tuple(range(2, b.weight.ndim)))  # [out, in/g]
             pushed = np.einsum("goc,gc->go", ksum.reshape(g, -1, ksum.shape[1]), v.bias.reshape(g, -1))
             bias = pushed.reshape(-1) + (0 if bias is None else bias)
-        owned = frozenset(s for s, t in terms.items() if t.weight is not b.weight)
-        out = _Value(terms, bias, b.out_channels, b.ndim, owned)
+        owned = frozenset(s for s, t in terms.items() if t.weight is not b.weight and t.weight.flags.writeable)
+        out = _Value(terms, bias, b.out_channels, b.ndim, owned, v.priced or only_priced)
         self.op_cost[self.current] = (float(macs_per_output(b)), float(np.prod(b.stride)))
-        if self.current in self.guarded:
-            before = _value_cost(v) * float(np.prod(b.stride)) + macs_per_output(b)
-            after = _value_cost(out)
-            if after > before:
-                raise NotFusable(f"composing would cost {after:.0f} MACs per output position instead of "
-                                 f"{before:.0f} unfused (allow_costlier=True permits it)")
         return out
 
     def _add(self, ins: list[_Value]) -> _Value:
@@ -260,7 +265,10 @@ class _Planner:
                 if s not in grouped:
                     owned[s] = s in v.owned
                 grouped.setdefault(s, []).append(t)
-        terms = {s: sum_convs(ts, reuse_first=owned[s]) for s, ts in grouped.items()}
+        # never update an input in place where a check below may still refuse the step (its input is then cut
+        # and must keep its value)
+        reuse = self.current not in self.guarded
+        terms = {s: sum_convs(ts, reuse_first=reuse and owned[s]) for s, ts in grouped.items()}
         if self.current in self.guarded:
             before = sum(_value_cost(v) for v in ins)
             after = float(sum(macs_per_output(t) for t in terms.values()))
@@ -270,7 +278,7 @@ class _Planner:
         biases = [v.bias for v in ins if v.bias is not None]
         bias = np.sum(biases, axis=0) if biases else None
         owned_out = frozenset(s for s, ts in grouped.items() if len(ts) > 1 or owned[s])
-        return _Value(terms, bias, ins[0].channels, ins[0].ndim, owned_out)
+        return _Value(terms, bias, ins[0].channels, ins[0].ndim, owned_out, any(v.priced for v in ins))
 
     # -- the pass ------------------------------------------------------------------------------------
     def run(self) -> Plan:
@@ -392,8 +400,9 @@ def plan(graph: LinearGraph, *, allow_costlier: bool = False) -> Plan:
     forced: set[str] = set()
     guarded: set[str] = set()
     split: set[str] = set()
+    exact: set[str] = set()
     while True:
-        planner = _Planner(graph, guarded, split, forced)
+        planner = _Planner(graph, guarded, split, forced, exact)
         result = planner.run()
         # a cut made after a value was inlined can leave that value inside two regions: materialize it
         seen: dict[str, int] = {}
@@ -409,18 +418,22 @@ def plan(graph: LinearGraph, *, allow_costlier: bool = False) -> Plan:
             if sum(macs_per_output(t.conv) for t in r.terms if not t.identity) > _original_cost(planner, r)]
         unworthy = [r for r in result.regions if not r.worthwhile and len(r.nodes) > 1]
         bad = costly + unworthy
-        if not bad:
+        if bad:
+            # first undo the optional choice (computing a value read several times inline), then guard steps
+            shared = {n for r in bad for n in r.nodes if n != r.exit and len(planner.users[n]) > 1} - forced
+            if shared:
+                forced |= shared
+                continue
+            new_guarded = guarded | {n for r in costly for n in r.nodes}
+            new_split = split | {n for r in unworthy for n in r.nodes}
+            if (new_guarded, new_split) != (guarded, split):
+                guarded, split = new_guarded, new_split
+                continue
+        # the plan stands; compositions in it that were only priced are now computed for real
+        priced = {n for r in result.regions if planner.values[r.exit].priced for n in r.nodes} - exact
+        if not priced:
             return result
-        # first undo the optional choice (computing a value read several times inline), then guard steps
-        shared = {n for r in bad for n in r.nodes if n != r.exit and len(planner.users[n]) > 1} - forced
-        if shared:
-            forced |= shared
-            continue
-        new_guarded = guarded | {n for r in costly for n in r.nodes}
-        new_split = split | {n for r in unworthy for n in r.nodes}
-        if new_guarded == guarded and new_split == split:
-            return result
-        guarded, split = new_guarded, new_split
+        exact |= priced
 
 
 def collapse(graph: LinearGraph, exit: str, *, allow_costlier: bool = True) -> list[Term]:
