@@ -100,7 +100,8 @@ def deploy_latency(d: dict) -> str:
                          x(r["onnx"]["ratio_fused_over_hand"], 3), ok_o, x(r["onnx"]["ratio_training_over_fused"], 3),
                          f"{nodes['training']['total']} / {nodes['fused']['total']} / {nodes['hand']['total']}"])
     return "\n\n".join([
-        f"One thread, batch 1, medians of interleaved runs. Target: fused / hand-written <= {target}. "
+        f"One thread, batch 1, medians of interleaved runs; fused / hand is the median over rounds of the "
+        f"ratio timed in the same round. Target: fused / hand-written <= {target}. "
         f"RepVGGNet runs at {s.get('repvgg_input', 128)}x{s.get('repvgg_input', 128)}. The hand-written form is "
         "`reparam_zoo.convert` for RepGhostNet and the `deploy=True` class (same folded weights) otherwise.",
         "**PyTorch**",

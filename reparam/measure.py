@@ -13,11 +13,13 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["environment", "interleaved_medians", "ort_runner", "ort_session", "torch_runner"]
+__all__ = ["environment", "interleaved_medians", "interleaved_times", "ort_runner", "ort_session", "paired_ratio",
+           "torch_runner"]
 
 
-def interleaved_medians(fns: Mapping[str, Callable[[], Any]], repeats: int = 20, warmup: int = 3) -> dict[str, float]:
-    """Median seconds per call of each function, measured round-robin."""
+def interleaved_times(fns: Mapping[str, Callable[[], Any]], repeats: int = 20,
+                      warmup: int = 3) -> dict[str, list[float]]:
+    """Seconds per call of each function, measured round-robin: entry ``i`` of every list is from round ``i``."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -27,7 +29,17 @@ def interleaved_medians(fns: Mapping[str, Callable[[], Any]], repeats: int = 20,
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def interleaved_medians(fns: Mapping[str, Callable[[], Any]], repeats: int = 20, warmup: int = 3) -> dict[str, float]:
+    """Median seconds per call of each function, measured round-robin."""
+    return {k: statistics.median(v) for k, v in interleaved_times(fns, repeats, warmup).items()}
+
+
+def paired_ratio(times: Mapping[str, list[float]], num: str, den: str) -> float:
+    """Median over rounds of ``num / den`` timed in the same round: drift over the run cancels in each pair."""
+    return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
 
 def torch_runner(model, inputs: tuple, threads: int = 1) -> Callable[[], Any]:

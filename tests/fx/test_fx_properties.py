@@ -40,9 +40,6 @@ def _block_input(block, seed: int = 0, dtype: torch.dtype = torch.float64) -> to
     return block.example_input(size=size, seed=seed, dtype=dtype)  # (a block of pools has no parameters)
 
 
-# Until test_fx_safety::test_iadd_chain_then_block passes, networks and stacked blocks (where a later region can
-# read a block's sum) draw no `+=` joins: an in-place join there can hit that known bug. Single blocks keep them.
-NO_IADD = tuple(j for j in JOINS if j != "iadd")
 
 BLOCKS = rep_blocks(ndim=st.integers(1, 3), channels=st.integers(1, 5), stride=None, valid=None, cheap=None,
                     padding_mode=None)
@@ -78,7 +75,7 @@ def test_legal_block_is_one_conv(block) -> None:
 
 
 @examples(60)
-@given(net=architectures(ndim=st.integers(1, 2), cheap=None, block_options={"padding_mode": None, "joins": NO_IADD}))
+@given(net=architectures(ndim=st.integers(1, 2), cheap=None, block_options={"padding_mode": None, "joins": JOINS}))
 def test_random_architecture_float64(net) -> None:
     net.double()
     _fuse_both_ways(net, net.example_input(), rtol=1e-9)
@@ -86,7 +83,7 @@ def test_random_architecture_float64(net) -> None:
 
 @examples(15)
 @given(net=architectures(ndim=st.integers(1, 2), cheap=None, residual_into_linear=True,
-                                 block_options={"joins": NO_IADD}))
+                                 block_options={"joins": JOINS}))
 def test_random_architecture_residual_into_linear(net) -> None:
     """Residual sums feeding the next block directly: exact, never more linear ops (counts are the planner's)."""
     net.double()
@@ -94,7 +91,7 @@ def test_random_architecture_residual_into_linear(net) -> None:
 
 
 @examples(15)
-@given(net=architectures(ndim=2, cheap=None, block_options={"joins": NO_IADD}))
+@given(net=architectures(ndim=2, cheap=None, block_options={"joins": JOINS}))
 def test_random_architecture_float32(net) -> None:
     x = net.example_input()
     fused = reparam.fuse(net, x, allow_costlier=True)
@@ -107,8 +104,8 @@ def stacked_blocks(draw) -> tuple[nn.Module, torch.Tensor]:
     """Two random blocks with nothing between them: the second reads the first's sum directly."""
     nd = draw(st.integers(1, 2))
     b1 = draw(rep_blocks(st.integers(1, 4), nd, out_channels=st.integers(1, 4), stride=None, valid=None,
-                         padding_mode=None, joins=NO_IADD))
-    b2 = draw(rep_blocks(b1.out_channels, nd, stride=None, valid=None, padding_mode=None, joins=NO_IADD))
+                         padding_mode=None, joins=JOINS))
+    b2 = draw(rep_blocks(b1.out_channels, nd, stride=None, valid=None, padding_mode=None, joins=JOINS))
     size = max(b1.min_size(), 2 * b2.min_size() + 3, 7)
     model = nn.Sequential(b1, b2).double()
     model.spec = f"{b1.spec} -> {b2.spec}"
@@ -141,7 +138,7 @@ def test_random_block_float64_sweep(block) -> None:
 @pytest.mark.slow
 @examples(400)
 @given(net=architectures(ndim=st.integers(1, 3), cheap=None, max_stages=5,
-                                 block_options={"padding_mode": None, "joins": NO_IADD}))
+                                 block_options={"padding_mode": None, "joins": JOINS}))
 def test_random_architecture_sweep(net) -> None:
     net.double()
     _fuse_both_ways(net, net.example_input(), rtol=1e-9)
