@@ -47,11 +47,17 @@ def to_tensor(a: np.ndarray, like: torch.Tensor | None = None, *, dtype=None, de
     return torch.from_numpy(np.ascontiguousarray(a)).to(dtype=dtype, device=device)
 
 
+def plain_forward(module: nn.Module) -> bool:
+    """``module`` runs the forward of the torch.nn class it derives from (a subclass did not override it)."""
+    cls = type(module)
+    std = next(c for c in cls.__mro__ if c.__module__.startswith("torch.nn"))
+    return cls.forward is std.forward
+
+
 def _standard(module: nn.Module, bases: tuple[type, ...]) -> None:
     base = next(b for b in bases if isinstance(module, b))
     cls = type(module)
-    std = next(c for c in cls.__mro__ if c in bases or c.__module__.startswith("torch.nn"))
-    if cls.forward is not std.forward and cls.forward is not base.forward:
+    if not plain_forward(module):
         raise NotFusable(f"{cls.__name__} overrides forward; its computation is not a standard "
                          f"{base.__name__}")
     if module._forward_hooks or module._forward_pre_hooks:

@@ -55,14 +55,8 @@ def regroup(conv: Conv, groups: int) -> Conv:
         return conv
     if groups < 1 or g % groups:
         raise NotFusable(f"cannot regroup a conv with groups={g} into groups={groups} (not a divisor)")
-    out, in_g = conv.out_channels, conv.weight.shape[1]
-    per = g // groups  # source groups inside one target group
-    w = np.zeros((out, in_g * per) + conv.kernel_size, conv.weight.dtype)
-    out_g = out // g
-    for src in range(g):
-        local = src % per
-        rows = slice(src * out_g, (src + 1) * out_g)
-        w[rows, local * in_g:(local + 1) * in_g] = conv.weight[rows]
+    w = np.zeros((conv.out_channels, conv.weight.shape[1] * (g // groups), *conv.kernel_size), conv.weight.dtype)
+    _add_regrouped(w, conv, groups, (slice(None),) * w.ndim)
     return conv.with_(weight=w, groups=groups)
 
 

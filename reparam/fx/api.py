@@ -14,7 +14,7 @@ from ..core.errors import ReparamError
 from .report import FuseReport
 from .rewrite import Rewrite, apply_plan, drop_identities, fold_conv_transpose_bn
 from .tracing import eval_mode, frozen_training_state, safe_deepcopy, trace
-from .translate import translate
+from .translate import attr_at, translate
 
 
 def _as_tuple(inputs: Any) -> tuple:
@@ -109,23 +109,16 @@ def _targets(gm: fx.GraphModule) -> list[str]:
 
 def _copy_originals(out: fx.GraphModule, rw: Rewrite) -> None:
     """Replace the references to the input model's modules/tensors by copies (sharing preserved)."""
-    originals = {t: _get(out, t) for t in _targets(out) if t not in rw.modules}
+    originals = {t: attr_at(out, t) for t in _targets(out) if t not in rw.modules}
     memo = {id(m): m for m in rw.modules.values()}
     copies = safe_deepcopy(originals, memo)
     for t, obj in copies.items():
         _set(out, t, obj)
 
 
-def _get(root: nn.Module, target: str) -> Any:
-    obj: Any = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _set(root: nn.Module, target: str, value: Any) -> None:
     *path, last = target.split(".")
-    parent = _get(root, ".".join(path)) if path else root
+    parent = attr_at(root, ".".join(path)) if path else root
     if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and last in parent._buffers:
         parent._buffers[last] = value
     else:

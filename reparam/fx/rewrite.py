@@ -10,9 +10,18 @@ from torch import fx, nn
 
 from .. import core
 from ..core.errors import NotFusable
-from ..torch_ops import _BNS, _CONV_TRANSPOSES, bn_from_module, to_module, to_numpy, to_tensor
+from ..torch_ops import (
+    _BNS,
+    _CONV_TRANSPOSES,
+    _IDENTITIES,
+    bn_from_module,
+    plain_forward,
+    to_module,
+    to_numpy,
+    to_tensor,
+)
 from .report import FuseReport, RegionReport
-from .tracing import _plain_forward
+from .translate import attr_at
 
 
 @dataclass
@@ -64,8 +73,8 @@ def _params_and_place(region_nodes: list[fx.Node], gm: fx.GraphModule) -> tuple[
         if n.op == "call_function":
             for a in n.args:
                 if isinstance(a, fx.Node) and a.op == "get_attr":
-                    t = gm.get_parameter(a.target) if "." in a.target or hasattr(gm, a.target) else None
-                    if isinstance(t, torch.Tensor):
+                    t = attr_at(gm, a.target)
+                    if isinstance(t, torch.Tensor) and t.is_floating_point():
                         return t.dtype, t.device
     tm = region_nodes[0].meta.get("tensor_meta")
     if tm is not None:
@@ -166,15 +175,13 @@ def _before(a: fx.Node, b: fx.Node) -> bool:
 
 def drop_identities(gm: fx.GraphModule, report: FuseReport, prefix: str = "") -> int:
     """Remove eval-mode no-ops (nn.Identity, dropout modules and ``F.dropout(training=False)``)."""
-    from ..torch_ops import _IDENTITIES
-
     done = 0
     for node in list(gm.graph.nodes):
         if len(node.args) < 1 or not isinstance(node.args[0], fx.Node):
             continue
         if node.op == "call_module":
             m = gm.get_submodule(node.target)
-            if not (isinstance(m, _IDENTITIES) and _plain_forward(m) and not m._forward_hooks
+            if not (isinstance(m, _IDENTITIES) and plain_forward(m) and not m._forward_hooks
                     and not m._forward_pre_hooks and len(node.args) == 1 and not node.kwargs):
                 continue
             label = type(m).__name__
@@ -201,7 +208,7 @@ def fold_conv_transpose_bn(gm: fx.GraphModule, report: FuseReport, rw: Rewrite, 
         if node.op != "call_module" or len(node.users) != 1:
             continue
         ct = gm.get_submodule(node.target)
-        if not isinstance(ct, _CONV_TRANSPOSES) or not _plain_forward(ct) or ct._forward_hooks:
+        if not isinstance(ct, _CONV_TRANSPOSES) or not plain_forward(ct) or ct._forward_hooks:
             continue
         (bn_node,) = node.users
         if bn_node.op != "call_module" or bn_node.args != (node,) or bn_node.kwargs:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import torch
 from torch import fx, nn
 
-from ..torch_ops import _BNS, _CONV_TRANSPOSES, _CONVS, _PADS, _POOLS
+from ..torch_ops import _BNS, _CONV_TRANSPOSES, _CONVS, _PADS, _POOLS, plain_forward
 
 
 class _InplaceProxy(fx.Proxy):
@@ -47,8 +47,8 @@ class ReparamTracer(fx.Tracer):
         if m.training:  # stays in training mode after eval(): keep it whole, with its own train()
             return True
         if isinstance(m, _BNS):
-            return _plain_forward(m)
-        if isinstance(m, self._LEAVES) and _plain_forward(m):
+            return plain_forward(m)
+        if isinstance(m, self._LEAVES) and plain_forward(m):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -57,12 +57,6 @@ class ReparamTracer(fx.Tracer):
             with _no_input_check(m):
                 return super().call_module(m, forward, args, kwargs)
         return super().call_module(m, forward, args, kwargs)
-
-
-def _plain_forward(m: nn.Module) -> bool:
-    cls = type(m)
-    std = next(c for c in cls.__mro__ if c.__module__.startswith("torch.nn"))
-    return cls.forward is std.forward
 
 
 @contextlib.contextmanager

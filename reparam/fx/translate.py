@@ -110,14 +110,15 @@ def _const(arg: Any, gm: fx.GraphModule) -> np.ndarray | None:
     if isinstance(arg, Number):
         return np.asarray([float(arg)])
     if isinstance(arg, fx.Node) and arg.op == "get_attr":
-        t = _attr(gm, arg.target)
+        t = attr_at(gm, arg.target)
         if isinstance(t, torch.Tensor) and t.is_floating_point():
             return to_numpy(t)
     return None
 
 
-def _attr(gm: fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
+def attr_at(root: nn.Module, target: str) -> Any:
+    """The module, parameter or buffer at a dotted path (an fx ``get_attr``/``call_module`` target)."""
+    obj: Any = root
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
@@ -145,7 +146,7 @@ def _param(arg: Any, gm: fx.GraphModule, what: str) -> np.ndarray | None:
     if arg is None:
         return None
     if isinstance(arg, fx.Node) and arg.op == "get_attr":
-        return to_numpy(_attr(gm, arg.target))
+        return to_numpy(attr_at(gm, arg.target))
     raise NotFusable(f"{what} is computed at run time, not a stored tensor")
 
 

@@ -597,3 +597,24 @@ def test_onnx_export_dynamo_exporter() -> None:
     data = buf.getvalue() or program.model_proto.SerializeToString()
     with torch.no_grad():
         torch.testing.assert_close(_onnx_run(data, x), model(x), rtol=1e-4, atol=1e-4)
+
+
+class BufferWeights(nn.Module):
+    """Functional conv and batch norm on buffers (not nn.Parameters): read through their get_attr paths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("w", torch.randn(C, C, 3, 3))
+        self.register_buffer("mean", torch.randn(C))
+        self.register_buffer("var", torch.rand(C) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv2d(x, self.w, padding=1)
+        return F.batch_norm(y, self.mean, self.var, None, None, False, 0.1, 1e-5)
+
+
+def test_functional_ops_on_buffers_fuse() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, C, 6, 6)
+    fused, rep = fuse_checked(BufferWeights(), x)
+    assert ops(fused, x)["conv"] == 1 and ops(fused, x)["batch_norm"] == 0, rep
