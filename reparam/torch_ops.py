@@ -7,6 +7,8 @@ refused with a reason.  Parametrized weights (``torch.nn.utils.parametrize``) ar
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from torch import nn
@@ -33,17 +35,45 @@ def to_numpy(t: torch.Tensor | None) -> np.ndarray | None:
     return t.detach().to(device="cpu", dtype=torch.float64).numpy()
 
 
+_VIEWABLE = (torch.float16, torch.float32, torch.float64)
+
+
+def read_only(t: torch.Tensor | None) -> np.ndarray | None:
+    """A read-only numpy view of a CPU float16/32/64 tensor (no copy: the core only reads kernels and
+    computes in float64 as it goes); a float64 copy for other dtypes or devices."""
+    if t is None:
+        return None
+    t = t.detach()
+    if t.device.type != "cpu" or t.dtype not in _VIEWABLE or t.is_conj() or t.is_neg():
+        return to_numpy(t)
+    a = t.numpy()
+    a.flags.writeable = False
+    return a
+
+
+def numpy_dtype(dtype: torch.dtype) -> np.dtype | None:
+    """The numpy dtype of a float16/32/64 torch dtype; None for those numpy lacks (bfloat16)."""
+    return {torch.float16: np.dtype(np.float16), torch.float32: np.dtype(np.float32),
+            torch.float64: np.dtype(np.float64)}.get(dtype)
+
+
 def to_tensor(a: np.ndarray, like: torch.Tensor | None = None, *, dtype=None, device=None,
-              what: str = "fused weight") -> torch.Tensor:
-    """Cast a float64 result to the model's dtype and device, refusing non-finite values (also after the cast)."""
+              what: str = "fused weight", checked: bool = False) -> torch.Tensor:
+    """Cast a float64 result to the model's dtype and device, refusing non-finite values (also after the cast).
+
+    ``checked``: ``a`` already has the target dtype and was checked finite (e.g. by ``Term.cast``).
+    """
     dtype = dtype or (like.dtype if like is not None else torch.float32)
     device = device or (like.device if like is not None else "cpu")
-    if a.size:
+    if a.size and not (checked and a.dtype == numpy_dtype(dtype)):
         peak = max(abs(float(a.max())), abs(float(a.min())))  # no temporary; NaN propagates
         if not np.isfinite(peak):
             raise NotFusable(f"{what} has non-finite values after folding")
         if dtype.is_floating_point and peak > torch.finfo(dtype).max:
             raise NotFusable(f"{what} overflows {dtype} (max |value| {peak:.3g} > {torch.finfo(dtype).max:.3g})")
+    target = numpy_dtype(dtype)
+    if target is not None and a.dtype != target:  # numpy's cast is several times faster than torch's here
+        a = a.astype(target)
     return torch.from_numpy(np.ascontiguousarray(a)).to(dtype=dtype, device=device)
 
 
@@ -75,9 +105,9 @@ def conv_from_module(m: nn.Module) -> core.Conv:
     """A core Conv from nn.ConvNd (padding mode and 'same' padding included) or nn.Linear (0 spatial dims)."""
     if isinstance(m, nn.Linear):
         _standard(m, (nn.Linear,))
-        return core.Conv(to_numpy(m.weight), to_numpy(m.bias))
+        return core.Conv(read_only(m.weight), to_numpy(m.bias))
     _standard(m, _CONVS)
-    return core.Conv(to_numpy(m.weight), to_numpy(m.bias), stride=m.stride, padding=_spatial_padding(m),
+    return core.Conv(read_only(m.weight), to_numpy(m.bias), stride=m.stride, padding=_spatial_padding(m),
                      dilation=m.dilation, groups=m.groups, padding_mode=m.padding_mode)
 
 
@@ -144,24 +174,44 @@ def to_core(m: nn.Module) -> core.LinearOp:
     raise NotFusable(f"{type(m).__name__} is not a linear layer reparam knows")
 
 
-def to_module(conv: core.Conv, *, dtype=torch.float32, device="cpu") -> nn.Module:
+@functools.lru_cache(maxsize=512)
+def _template(cls: type[nn.Module], args: tuple, kwargs: tuple) -> nn.Module:
+    return cls(*args, **dict(kwargs), device="meta")
+
+
+def blank_module(cls: type[nn.Module], *args, **kwargs) -> nn.Module:
+    """``cls(*args, **kwargs)`` with its parameters still to be set (they are meta tensors).
+
+    Built as a copy of a cached meta-device template whose containers (parameter, buffer, hook dicts) are
+    copied, so nothing is shared: constructing a conv runs its random initialisation, which costs 15x more
+    than this and is thrown away anyway.
+    """
+    template = _template(cls, args, tuple(sorted(kwargs.items())))
+    m = object.__new__(cls)
+    state = {k: (type(v)(v) if isinstance(v, (dict, set, list)) else v) for k, v in template.__dict__.items()}
+    object.__setattr__(m, "__dict__", state)
+    return m
+
+
+def to_module(conv: core.Conv, *, dtype=torch.float32, device="cpu", checked: bool = False) -> nn.Module:
     """A fresh nn.ConvNd (or nn.Linear for 0 spatial dims) computing ``conv``.
 
     Symmetric padding maps to the module's ``padding``; asymmetric padding is applied with an explicit
-    pad (``reparam.torch_ops.PaddedConv``) so the module stays exact.
+    pad (``reparam.torch_ops.PaddedConv``) so the module stays exact.  ``checked``: the weight is
+    already in ``dtype`` and known finite (see :func:`to_tensor`).
     """
     nd = conv.ndim
-    weight = to_tensor(conv.weight, dtype=dtype, device=device)
+    weight = to_tensor(conv.weight, dtype=dtype, device=device, checked=checked)
     bias = None if conv.bias is None else to_tensor(conv.bias, dtype=dtype, device=device, what="fused bias")
     if nd == 0:
-        m = nn.Linear(conv.in_channels, conv.out_channels, bias=bias is not None, device="meta")
+        m = blank_module(nn.Linear, conv.in_channels, conv.out_channels, bias=bias is not None)
     else:
         cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[nd - 1]
         symmetric = all(b == e for b, e in conv.padding)
         pad = tuple(b for b, _ in conv.padding) if symmetric else 0
-        m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=pad,
-                dilation=conv.dilation, groups=conv.groups, bias=bias is not None,
-                padding_mode=conv.padding_mode if symmetric else "zeros", device="meta")
+        m = blank_module(cls, conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                         padding=pad, dilation=conv.dilation, groups=conv.groups, bias=bias is not None,
+                         padding_mode=conv.padding_mode if symmetric else "zeros")
         if not symmetric:
             m = PaddedConv(conv.padding, conv.padding_mode, m)
     target = m.conv if isinstance(m, PaddedConv) else m
@@ -198,5 +248,6 @@ class PaddedConv(nn.Module):
         return self.conv(torch.nn.functional.pad(x, self.pad, mode=self.mode))
 
 
-__all__ = ["PaddedConv", "bn_from_module", "conv_from_module", "load_conv_", "pad_from_module",
-           "pad_from_torch", "pool_from_module", "to_core", "to_module", "to_numpy", "to_tensor"]
+__all__ = ["PaddedConv", "blank_module", "bn_from_module", "conv_from_module", "load_conv_", "pad_from_module",
+           "pad_from_torch", "pool_from_module", "read_only", "to_core", "to_module", "to_numpy",
+           "to_tensor"]

@@ -8,6 +8,7 @@ size iff ``pad_begin + pad_end - dilation*(k-1)`` is equal (given equal strides)
 
 from __future__ import annotations
 
+import functools
 import itertools
 from math import gcd
 
@@ -15,6 +16,12 @@ import numpy as np
 
 from .errors import NotFusable
 from .types import Affine, AvgPool, Conv, Pad
+
+
+@functools.lru_cache(maxsize=4096)
+def zeros_placeholder(shape: tuple[int, ...]) -> np.ndarray:
+    """A read-only zero-memory array of ``shape`` (a broadcast 0), standing in for a kernel not computed."""
+    return np.broadcast_to(np.float64(0.0), shape)
 
 
 def _gcd_all(values, default: int = 1) -> int:
@@ -56,7 +63,7 @@ def regroup(conv: Conv, groups: int) -> Conv:
     if groups < 1 or g % groups:
         raise NotFusable(f"cannot regroup a conv with groups={g} into groups={groups} (not a divisor)")
     w = np.zeros((conv.out_channels, conv.weight.shape[1] * (g // groups), *conv.kernel_size), conv.weight.dtype)
-    _add_regrouped(w, conv, groups, (slice(None),) * w.ndim)
+    _add_regrouped(w, conv.weight, conv.groups, groups, (slice(None),) * w.ndim)
     return conv.with_(weight=w, groups=groups)
 
 
@@ -130,17 +137,10 @@ def _merged_mode(convs: list[Conv], what: str) -> str:
     return modes.pop() if modes else "zeros"
 
 
-def sum_convs(convs: list[Conv], reuse_first: bool = False) -> Conv:
-    """One conv computing the sum of convs applied to the same input.
-
-    Legal when channels, ndim and stride agree and every output size agrees for every input size. The
-    merged window is the union of the branches' windows, at the gcd of their dilations; grouped kernels
-    expand block-diagonally to the gcd of the groups.
-    """
+def sum_geometry(convs: list[Conv]) -> Conv:
+    """The geometry of :func:`sum_convs` (all its legality checks) with a zero-memory placeholder kernel."""
     if not convs:
         raise NotFusable("nothing to sum")
-    if len(convs) == 1:
-        return convs[0]
     first = convs[0]
     for c in convs[1:]:
         for attr in ("ndim", "in_channels", "out_channels", "stride"):
@@ -166,41 +166,47 @@ def sum_convs(convs: list[Conv], reuse_first: bool = False) -> Conv:
         dil.append(d)
         kern.append((max(ends) - s0) // d + 1)
     start, dil, kern = tuple(start), tuple(dil), tuple(kern)
+    _, pads = _window_slices(first, start, dil, kern)
     shape = (first.out_channels, first.in_channels // groups, *kern)
-    own = (reuse_first and first.weight.shape == shape and first.weight.dtype == np.float64
-           and first.groups == groups and first.weight.flags.writeable)
-    if own:  # the caller hands over the first kernel: accumulate into it instead of a new array
-        where, pads = _window_slices(first, start, dil, kern)
-        own = all(sl == slice(0, k, 1) for sl, k in zip(where[2:], kern))
-    weight = first.weight if own else np.zeros(shape)
-    bias = np.zeros(first.out_channels)
+    return Conv(zeros_placeholder(shape), None, stride=first.stride, padding=pads, dilation=dil,
+                groups=groups, padding_mode=mode)
+
+
+def sum_convs(convs: list[Conv]) -> Conv:
+    """One conv computing the sum of convs applied to the same input.
+
+    Legal when channels, ndim and stride agree and every output size agrees for every input size. The
+    merged window is the union of the branches' windows, at the gcd of their dilations; grouped kernels
+    expand block-diagonally to the gcd of the groups.
+    """
+    geo = sum_geometry(convs)
+    if len(convs) == 1:
+        return convs[0]
+    start = tuple(-b for b, _ in geo.padding)
+    weight = np.zeros(geo.weight.shape)
+    bias = np.zeros(geo.out_channels)
     any_bias = False
-    for k, c in enumerate(convs):
-        if own and k == 0:
-            if c.bias is not None:
-                any_bias, bias = True, bias + c.bias
-            continue
-        where, pads = _window_slices(c, start, dil, kern)
-        if c.groups == groups:
+    for c in convs:
+        where, _ = _window_slices(c, start, geo.dilation, geo.kernel_size)
+        if c.groups == geo.groups:
             weight[where] += c.weight
         else:
-            _add_regrouped(weight, c, groups, where)
+            _add_regrouped(weight, c.weight, c.groups, geo.groups, where)
         if c.bias is not None:
             any_bias = True
             bias = bias + c.bias
-    return Conv(weight, bias if any_bias else None, stride=first.stride, padding=pads, dilation=dil, groups=groups,
-                padding_mode=mode)
+    return geo.with_(weight=weight, bias=bias if any_bias else None)
 
 
-def _add_regrouped(out: np.ndarray, conv: Conv, groups: int, where: tuple) -> None:
-    """``out[where] += regroup(conv, groups).weight`` without building the expanded kernel."""
-    g, in_g = conv.groups, conv.weight.shape[1]
-    per, out_g = g // groups, conv.out_channels // g
+def _add_regrouped(out: np.ndarray, weight: np.ndarray, conv_groups: int, groups: int, where: tuple) -> None:
+    """``out[where] += `` the block-diagonal expansion of a kernel with ``conv_groups`` groups to ``groups``."""
+    g, in_g = conv_groups, weight.shape[1]
+    per, out_g = g // groups, weight.shape[0] // g
     for src in range(g):
         local = src % per
         rows = slice(src * out_g, (src + 1) * out_g)
         cols = slice(local * in_g, (local + 1) * in_g)
-        out[(rows, cols, *where[2:])] += conv.weight[rows]
+        out[(rows, cols, *where[2:])] += weight[rows]
 
 
 def compose(a: Conv, b: Conv, *, weights: bool = True) -> Conv:
@@ -245,9 +251,6 @@ def compose(a: Conv, b: Conv, *, weights: bool = True) -> Conv:
     nd = a.ndim
     depthwise_a = a.groups == a.in_channels == a.out_channels
     groups = b.groups if depthwise_a else gcd(a.groups, b.groups)
-    if not depthwise_a:
-        a = regroup(a, groups)
-    b = regroup(b, groups)
     sa, sb = a.stride, b.stride
     tap_a = [a.dilation[i] if a.kernel_size[i] > 1 else 0 for i in range(nd)]
     tap_b = [b.dilation[i] * sa[i] if b.kernel_size[i] > 1 else 0 for i in range(nd)]
@@ -256,15 +259,15 @@ def compose(a: Conv, b: Conv, *, weights: bool = True) -> Conv:
                  // dil[i] + 1 for i in range(nd))
     c3, c1 = b.out_channels, a.in_channels
     og, ig, mg = c3 // groups, c1 // groups, a.out_channels // groups
-    wb = b.weight.reshape((groups, og, mg) + b.kernel_size)
-    if depthwise_a:  # per-channel kernels: each composite tap is b's tap times a's kernel, no matrix product
-        wa = a.weight.reshape((groups, 1, mg) + a.kernel_size)
-    else:
-        wa = a.weight.reshape((groups, mg, ig) + a.kernel_size)
+    if weights or a.bias is not None or b.bias is not None:  # pricing a bias-free pair reads no kernel
+        wb = regroup(b, groups).weight.reshape((groups, og, mg) + b.kernel_size)
     if weights:
+        # per-channel a: each composite tap is b's tap times a's kernel, no matrix product
+        wa = (a.weight.reshape((groups, 1, mg) + a.kernel_size) if depthwise_a
+              else regroup(a, groups).weight.reshape((groups, mg, ig) + a.kernel_size))
         w = np.zeros((groups, og, ig) + kern)
     else:
-        w = np.broadcast_to(np.float64(0.0), (groups, og, ig) + kern)
+        w = zeros_placeholder((groups, og, ig) + kern)
     a_step = tuple(a.dilation[i] // dil[i] if a.kernel_size[i] > 1 else 1 for i in range(nd))
     for jb in itertools.product(*(range(k) for k in b.kernel_size)) if weights else ():
         tap = wb[(Ellipsis, *jb)]

@@ -13,22 +13,17 @@ materialized and the step is retried on them, so a refusal only ever keeps the o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .conv_algebra import (
-    avgpool_conv,
-    compose,
-    fold_affine,
-    identity,
-    pad_conv,
-    sum_convs,
-)
+from .conv_algebra import avgpool_conv, compose, identity, pad_conv
 from .errors import NotFusable, ReparamError
-from .precision import conv64
+from .kernel_sum import KernelSum, sum_kernels
+from .precision import cast_conv, conv64, f64
 from .types import Add, Affine, AvgPool, BatchNorm, Conv, Identity, LinearOp, Pad
 
 
@@ -44,13 +39,51 @@ class Node:
     payload: Any = None
 
 
-@dataclass
 class Term:
-    """One conv applied to one source; ``identity`` means the conv is exactly ``y = x`` (emit the source)."""
+    """One conv applied to one source; ``identity`` means the conv is exactly ``y = x`` (emit the source).
 
-    source: str
-    conv: Conv
-    identity: bool
+    The kernel is computed when asked for: :attr:`conv` gives it in float64, :meth:`cast` straight in the
+    target dtype (each element rounded once from its float64 value, without a float64 copy of the kernel).
+    """
+
+    def __init__(self, source: str, kernel: KernelSum | Conv, bias: np.ndarray | None = None,
+                 identity: bool = False) -> None:
+        if isinstance(kernel, Conv):
+            bias = kernel.bias if bias is None else bias
+            kernel = KernelSum.of(kernel)
+        self.source = source
+        self.kernel = kernel
+        self.bias = None if bias is None else f64(bias)
+        self.identity = identity
+        self._conv64: Conv | None = None
+
+    @property
+    def conv(self) -> Conv:
+        """The term's conv in float64 (computed once)."""
+        if self._conv64 is None:
+            self._conv64 = self.kernel.geometry.with_(weight=self.kernel.evaluate(), bias=self.bias)
+        return self._conv64
+
+    def cast(self, dtype, out: np.ndarray | None = None) -> Conv:
+        """The term's conv in ``dtype``; NotFusable if a value is not finite there.
+
+        ``out``: where to write the kernel (shape of :attr:`shape`, ``dtype``), e.g. a fresh tensor's memory.
+        """
+        if self._conv64 is not None:
+            conv = cast_conv(self._conv64, dtype)
+            if out is not None:
+                out[...] = conv.weight
+                conv = conv.with_(weight=out)
+            return conv
+        return self.kernel.to_conv(dtype, self.bias, out=out)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The kernel's shape, ``[out, in/groups, *kernel]``."""
+        return self.kernel.geometry.weight.shape
+
+    def __repr__(self) -> str:
+        return f"Term({self.source!r}, {self.kernel.geometry.describe()}, identity={self.identity})"
 
 
 @dataclass
@@ -91,11 +124,10 @@ class Plan:
 
 @dataclass
 class _Value:
-    terms: dict[str, Conv]  # bias-free float64 convs, keyed by source
-    bias: np.ndarray | None
+    terms: dict[str, KernelSum]  # deferred bias-free kernels, keyed by source
+    bias: np.ndarray | None  # float64
     channels: int
     ndim: int
-    owned: frozenset[str] = frozenset()  # sources whose kernel array the planner made and may update in place
     priced: bool = False  # some kernel is a cost-only placeholder (see compose(weights=False))
 
 
@@ -136,17 +168,19 @@ class LinearGraph:
 
 def macs_per_output(conv: Conv) -> int:
     """Multiply-accumulates per output position (all output channels), the cost model of the guard."""
-    return conv.out_channels * (conv.in_channels // conv.groups) * int(np.prod(conv.kernel_size, dtype=np.int64))
+    return int(conv.weight.size)  # out * in/groups * taps
 
 
 def _value_cost(v: _Value) -> float:
-    return float(sum(macs_per_output(t) for t in v.terms.values()))
+    return float(sum(macs_per_output(t.geometry) for t in v.terms.values()))
 
 
 class _Planner:
     def __init__(self, graph: LinearGraph, guarded: set[str], split: set[str] = frozenset(),
-                 forced: set[str] = frozenset(), exact: set[str] = frozenset()) -> None:
+                 forced: set[str] = frozenset(), exact: set[str] = frozenset(),
+                 memo: dict | None = None) -> None:
         self.g = graph
+        self.memo = {} if memo is None else memo  # per-op results that do not depend on the pass (BN affines)
         self.exact = exact  # nodes whose costlier compositions are computed rather than only priced
         self.forced = forced  # nodes materialized whatever their readers
         self.guarded = guarded  # nodes where a step that raises the cost is refused
@@ -177,15 +211,15 @@ class _Planner:
     def _source(self, name: str) -> _Value:
         known = self.values.get(name)
         c, nd = (known.channels, known.ndim) if known is not None else self._source_shape(name)
-        return _Value({name: identity(c, nd)}, None, c, nd)
+        unit = self.memo.get(("unit", c, nd))
+        if unit is None:
+            unit = self.memo[("unit", c, nd)] = KernelSum.of(identity(c, nd), unit=True)
+        return _Value({name: unit}, None, c, nd)
 
-    def _input_value(self, name: str, reader: Node) -> _Value:
+    def _input_value(self, name: str) -> _Value:
         if name in self.opaque or name in self.exits:
             return self._source(name)
-        v = self.values[name]
-        if v.owned and (len(self.users[name]) != 1 or reader.inputs.count(name) != 1):
-            v = _Value(v.terms, v.bias, v.channels, v.ndim, priced=v.priced)  # read twice: no in-place updates
-        return v
+        return self.values[name]
 
     # -- one step ------------------------------------------------------------------------------------
     def _apply(self, node: Node, ins: list[_Value]) -> _Value:
@@ -201,21 +235,17 @@ class _Planner:
         if isinstance(op, BatchNorm):
             if op.channels != v.channels:
                 raise NotFusable(f"batch norm has {op.channels} channels but its input has {v.channels}")
-            op = op.to_affine()
+            affine = self.memo.get(("affine", node.name))
+            if affine is None:
+                affine = self.memo[("affine", node.name)] = op.to_affine()
+            op = affine
         if isinstance(op, Affine):
             scale, shift = op.scale_for(v.channels), op.shift_for(v.channels)
-            terms = {}
-            for s, t in v.terms.items():
-                if s in v.owned and t.weight.flags.writeable:
-                    np.multiply(t.weight, scale.reshape((-1,) + (1,) * (t.weight.ndim - 1)), out=t.weight)
-                    terms[s] = t
-                else:
-                    terms[s] = fold_affine(t, Affine(scale=scale))
+            terms = {s: t.scaled(scale) for s, t in v.terms.items()}
             bias = shift if v.bias is None else v.bias * scale + shift
-            owned = frozenset(s for s, t in terms.items() if t.weight.flags.writeable)
-            return _Value(terms, bias, v.channels, v.ndim, owned, v.priced)
+            return _Value(terms, bias, v.channels, v.ndim, v.priced)
         if isinstance(op, Conv):
-            return self._conv(v, conv64(op))
+            return self._conv(v, op, node.name)
         if isinstance(op, AvgPool):
             return self._conv(v, avgpool_conv(op, v.channels))
         if isinstance(op, Pad):
@@ -224,33 +254,44 @@ class _Planner:
             return self._conv(v, pad_conv(op, v.channels))
         raise ReparamError(f"unknown op {type(op).__name__} at {node.name!r}")
 
-    def _conv(self, v: _Value, b: Conv) -> _Value:
+    def _conv(self, v: _Value, b: Conv, key: str | None = None) -> _Value:
+        """``b`` applied to ``v``; ``key`` names the graph node whose op ``b`` is (its kernel is cached)."""
         if b.in_channels != v.channels or b.ndim != v.ndim:
             raise NotFusable(f"a conv expecting {b.in_channels} channels/{b.ndim}-d reads a value with "
                              f"{v.channels} channels/{v.ndim}-d")
-        plain = b.with_(bias=None)
-        before = _value_cost(v) * float(np.prod(b.stride)) + macs_per_output(b)
-        priced = {s: compose(t, plain, weights=False) for s, t in v.terms.items()}
+        own = self.memo.get(("conv", key))  # b's kernel read from a source, as is
+        if own is None or key is None:
+            plain = b._evolve(bias=None)
+            if not plain.is_padded and plain.padding_mode != "zeros":
+                plain = plain._evolve(padding_mode="zeros")  # the mode of a conv that never pads is moot
+            own = self.memo[("conv", key)] = KernelSum.of(plain)
+        geo = own.geometry
+        before = _value_cost(v) * float(math.prod(b.stride)) + macs_per_output(b)
+        priced = {s: geo if t.is_unit else compose(t.geometry, geo, weights=False) for s, t in v.terms.items()}
         costlier = sum(macs_per_output(t) for t in priced.values()) > before
         if costlier and self.current in self.guarded:
             after = sum(macs_per_output(t) for t in priced.values())
             raise NotFusable(f"composing would cost {after:.0f} MACs per output position instead of "
                              f"{before:.0f} unfused (allow_costlier=True permits it)")
         only_priced = costlier and self.current not in self.exact
-        terms = priced if only_priced else {s: compose(t, plain) for s, t in v.terms.items()}
-        bias = b.bias
+        if only_priced:
+            terms = {s: KernelSum.of(t) for s, t in priced.items()}
+        else:
+            terms = {s: own if t.is_unit
+                     else KernelSum.of(compose(t.geometry._evolve(weight=t.evaluate()), conv64(own.parts[0].conv)))
+                     for s, t in v.terms.items()}
+        bias = f64(b.bias)
         if v.bias is not None and np.any(v.bias != 0):
             if b.is_padded and b.padding_mode == "zeros":
                 raise NotFusable(
                     f"the conv pads {b.padding} with zeros but its input carries a bias (max |b| "
                     f"{np.abs(v.bias).max():.3g}) that the padded border would not see")
             g = b.groups
-            ksum = b.weight.sum(axis=tuple(range(2, b.weight.ndim)))  # [out, in/g]
+            ksum = b.weight.sum(axis=tuple(range(2, b.weight.ndim)), dtype=np.float64)  # [out, in/g]
             pushed = np.einsum("goc,gc->go", ksum.reshape(g, -1, ksum.shape[1]), v.bias.reshape(g, -1))
             bias = pushed.reshape(-1) + (0 if bias is None else bias)
-        owned = frozenset(s for s, t in terms.items() if t.weight is not b.weight and t.weight.flags.writeable)
-        out = _Value(terms, bias, b.out_channels, b.ndim, owned, v.priced or only_priced)
-        self.op_cost[self.current] = (float(macs_per_output(b)), float(np.prod(b.stride)))
+        out = _Value(terms, bias, b.out_channels, b.ndim, v.priced or only_priced)
+        self.op_cost[self.current] = (float(macs_per_output(b)), float(math.prod(b.stride)))
         return out
 
     def _add(self, ins: list[_Value]) -> _Value:
@@ -258,27 +299,20 @@ class _Planner:
         nds = {v.ndim for v in ins}
         if len(chans) > 1 or len(nds) > 1:
             raise NotFusable(f"add of values with different channels/dims: {sorted(chans)}/{sorted(nds)}")
-        grouped: dict[str, list[Conv]] = {}
-        owned: dict[str, bool] = {}
+        grouped: dict[str, list[KernelSum]] = {}
         for v in ins:
             for s, t in v.terms.items():
-                if s not in grouped:
-                    owned[s] = s in v.owned
                 grouped.setdefault(s, []).append(t)
-        # never update an input in place where a check below may still refuse the step (its input is then cut
-        # and must keep its value)
-        reuse = self.current not in self.guarded
-        terms = {s: sum_convs(ts, reuse_first=reuse and owned[s]) for s, ts in grouped.items()}
+        terms = {s: sum_kernels(ts) for s, ts in grouped.items()}
         if self.current in self.guarded:
             before = sum(_value_cost(v) for v in ins)
-            after = float(sum(macs_per_output(t) for t in terms.values()))
+            after = float(sum(macs_per_output(t.geometry) for t in terms.values()))
             if after > before:
                 raise NotFusable(f"summing these branches would cost {after:.0f} MACs per output position "
                                  f"instead of {before:.0f} (allow_costlier=True permits it)")
         biases = [v.bias for v in ins if v.bias is not None]
         bias = np.sum(biases, axis=0) if biases else None
-        owned_out = frozenset(s for s, ts in grouped.items() if len(ts) > 1 or owned[s])
-        return _Value(terms, bias, ins[0].channels, ins[0].ndim, owned_out, any(v.priced for v in ins))
+        return _Value(terms, bias, ins[0].channels, ins[0].ndim, any(v.priced for v in ins))
 
     # -- the pass ------------------------------------------------------------------------------------
     def run(self) -> Plan:
@@ -289,7 +323,7 @@ class _Planner:
                 continue
             self.current = name
             try:
-                self.values[name] = self._apply(node, [self._input_value(i, node) for i in node.inputs])
+                self.values[name] = self._apply(node, [self._input_value(i) for i in node.inputs])
                 if len(self.users[name]) > 1 and len(self.values[name].terms) > 1:
                     self.exits.add(name)  # inlining a sum of sources for several readers repeats them per source
                 continue
@@ -298,7 +332,7 @@ class _Planner:
             cut = [i for i in node.inputs if i not in self.opaque and i not in self.exits]
             self.exits.update(cut)
             try:
-                self.values[name] = self._apply(node, [self._input_value(i, node) for i in node.inputs])
+                self.values[name] = self._apply(node, [self._input_value(i) for i in node.inputs])
             except NotFusable as err:
                 if str(err) != self.refusals[-1].reason:
                     self.refusals.append(Refusal(name, str(err)))
@@ -347,12 +381,16 @@ class _Planner:
         return regions
 
 
-def _is_identity(conv: Conv) -> bool:
+def _is_identity(term: Term) -> bool:
+    """The term computes ``y = x`` exactly (its kernel is evaluated only when the geometry allows it)."""
+    conv = term.kernel.geometry
     c = conv.out_channels
+    if term.kernel.is_unit:
+        return True
     return (conv.in_channels == c and conv.is_pointwise and not conv.is_padded
             and all(s == 1 for s in conv.stride)
-            and (conv.bias is None or not np.any(conv.bias))
-            and np.array_equal(conv.weight.reshape(c, -1), _eye(conv)))
+            and (term.bias is None or not np.any(term.bias))
+            and np.array_equal(term.conv.weight.reshape(c, -1), _eye(conv)))
 
 
 def _eye(conv: Conv) -> np.ndarray:
@@ -364,11 +402,13 @@ def _eye(conv: Conv) -> np.ndarray:
 
 
 def _terms(v: _Value, order: dict[str, int]) -> list[Term]:
-    terms = [Term(s, t, _is_identity(t)) for s, t in sorted(v.terms.items(), key=lambda kv: order[kv[0]])]
-    if v.bias is not None and np.any(v.bias != 0):
-        k = next((i for i, t in enumerate(terms) if not t.identity), 0)
-        t = terms[k]
-        terms[k] = Term(t.source, t.conv.with_(bias=t.conv.bias_or_zeros() + v.bias), False)
+    terms = [Term(s, t) for s, t in sorted(v.terms.items(), key=lambda kv: order[kv[0]])]
+    for t in terms:
+        t.identity = _is_identity(t)
+    if v.bias is not None:  # even a zero bias is kept on a conv (a folded BN gives its conv a bias)
+        k = next((i for i, t in enumerate(terms) if not t.identity), 0 if np.any(v.bias != 0) else None)
+        if k is not None:
+            terms[k] = Term(terms[k].source, terms[k].kernel, v.bias, False)
     return terms
 
 
@@ -401,8 +441,9 @@ def plan(graph: LinearGraph, *, allow_costlier: bool = False) -> Plan:
     guarded: set[str] = set()
     split: set[str] = set()
     exact: set[str] = set()
+    memo: dict = {}
     while True:
-        planner = _Planner(graph, guarded, split, forced, exact)
+        planner = _Planner(graph, guarded, split, forced, exact, memo)
         result = planner.run()
         # a cut made after a value was inlined can leave that value inside two regions: materialize it
         seen: dict[str, int] = {}
@@ -415,7 +456,7 @@ def plan(graph: LinearGraph, *, allow_costlier: bool = False) -> Plan:
             continue
         costly = [] if allow_costlier else [
             r for r in result.regions
-            if sum(macs_per_output(t.conv) for t in r.terms if not t.identity) > _original_cost(planner, r)]
+            if sum(macs_per_output(t.kernel.geometry) for t in r.terms if not t.identity) > _original_cost(planner, r)]
         unworthy = [r for r in result.regions if not r.worthwhile and len(r.nodes) > 1]
         bad = costly + unworthy
         if bad:
@@ -466,8 +507,6 @@ def sum_branches(branches: Sequence[Sequence[LinearOp]], channels: int | None = 
     Raises NotFusable with the reason when the sum is not exactly one conv.  ``dtype`` defaults to the
     dtype of the first conv weight met (float64 if there is none); the math is float64 throughout.
     """
-    from .precision import cast_conv
-
     g = LinearGraph()
     g.input("x", channels, ndim)
     ends = []
@@ -493,7 +532,7 @@ def sum_branches(branches: Sequence[Sequence[LinearOp]], channels: int | None = 
     if dtype is None:
         first = next((op for ops in branches for op in ops if isinstance(op, Conv)), None)
         dtype = np.float64 if first is None else first.weight.dtype
-    return cast_conv(term.conv, dtype)
+    return term.cast(dtype)
 
 
 __all__ = ["LinearGraph", "Node", "Plan", "Refusal", "Region", "Term", "chain", "collapse",

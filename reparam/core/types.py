@@ -123,6 +123,14 @@ class Conv:
         """A copy with some fields replaced (validated again)."""
         return replace(self, **changes)
 
+    def _evolve(self, **changes) -> Conv:
+        """A copy with fields replaced by values already valid for it (a same-shape kernel array, a bias
+        array or None, a padding mode): no validation, for the planner's inner loop."""
+        new = object.__new__(Conv)
+        new.__dict__.update(self.__dict__)
+        new.__dict__.update(changes)
+        return new
+
     def describe(self) -> str:
         k = "x".join(map(str, self.kernel_size)) or "fc"
         return (f"Conv({self.in_channels}->{self.out_channels}, k={k}, stride={self.stride}, "

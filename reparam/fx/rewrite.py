@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import operator
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -15,13 +18,14 @@ from ..torch_ops import (
     _CONV_TRANSPOSES,
     _IDENTITIES,
     bn_from_module,
+    numpy_dtype,
     plain_forward,
     to_module,
     to_numpy,
     to_tensor,
 )
 from .report import FuseReport, RegionReport
-from .translate import attr_at
+from .translate import ModuleIndex, attr_at
 
 
 @dataclass
@@ -31,20 +35,20 @@ class Rewrite:
     modules: dict[str, nn.Module] = field(default_factory=dict)
 
 
-def _op_label(node: fx.Node, gm: fx.GraphModule) -> str:
+def _op_label(node: fx.Node, gm: fx.GraphModule | ModuleIndex) -> str:
     if node.op == "call_module":
         return f"{type(gm.get_submodule(node.target)).__name__}({node.target})"
     target = getattr(node.target, "__name__", str(node.target))
     return f"{target}"
 
 
-def _is_conv_node(node: fx.Node, gm: fx.GraphModule) -> bool:
+def _is_conv_node(node: fx.Node, gm: fx.GraphModule | ModuleIndex) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
     return node.op == "call_function" and "conv" in getattr(node.target, "__name__", "")
 
 
-def _mutates(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
+def _mutates(node: fx.Node, gm: fx.GraphModule | ModuleIndex) -> fx.Node | None:
     """The input an in-place node overwrites, if any."""
     first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
     if node.op == "call_method" and str(node.target).endswith("_") and not str(node.target).endswith("__"):
@@ -65,7 +69,7 @@ def _mutates(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
 _INPLACE_OPERATORS = (operator.iadd, operator.imul, operator.isub, operator.itruediv)
 
 
-def _params_and_place(region_nodes: list[fx.Node], gm: fx.GraphModule) -> tuple[torch.dtype, torch.device]:
+def _params_and_place(region_nodes: list[fx.Node], gm: ModuleIndex) -> tuple[torch.dtype, torch.device]:
     for n in region_nodes:
         if n.op == "call_module":
             for p in gm.get_submodule(n.target).parameters():
@@ -82,15 +86,26 @@ def _params_and_place(region_nodes: list[fx.Node], gm: fx.GraphModule) -> tuple[
     return torch.float32, torch.device("cpu")
 
 
-def _module_name(region, convs, nodes, exit_node, term, gm, rw) -> str:
+def _readers_by_path(graph: fx.Graph) -> dict[str, list[fx.Node]]:
+    """The nodes calling each module path or reading an attribute under it."""
+    out: dict[str, list[fx.Node]] = {}
+    for n in graph.nodes:
+        if n.op == "call_module":
+            out.setdefault(str(n.target), []).append(n)
+        elif n.op == "get_attr":
+            parts = str(n.target).split(".")
+            for k in range(1, len(parts)):
+                out.setdefault(".".join(parts[:k]), []).append(n)
+    return out
+
+
+def _module_name(region, convs, nodes, exit_node, term, gm, rw, readers: dict[str, list[fx.Node]]) -> str:
     """Reuse the region's conv path when that module serves nowhere else; else a fresh flat name."""
     single = sum(not t.identity for t in region.terms) == 1
     if single and convs and convs[0].op == "call_module":
         target = str(convs[0].target)
         inside = set(nodes)
-        others = [n for n in gm.graph.nodes if n not in inside and (
-            (n.op == "call_module" and n.target == target)
-            or (n.op == "get_attr" and str(n.target).startswith(target + ".")))]
+        others = [n for n in readers.get(target, ()) if n not in inside and not getattr(n, "_erased", False)]
         if not others and target not in rw.modules:
             return target
     return _fresh_name(f"{exit_node.name}_{term.source}", gm, rw.modules)
@@ -108,30 +123,47 @@ def apply_plan(gm: fx.GraphModule, plan: core.Plan, lg: core.LinearGraph, report
                rw: Rewrite, prefix: str = "") -> int:
     """Rewrite ``gm.graph`` in place from ``plan``; returns the number of regions rewritten."""
     graph = gm.graph
+    gm = ModuleIndex(gm)
+    readers = _readers_by_path(graph)
+    regions = [(r, [lg.nodes[n].payload for n in r.nodes]) for r in plan.regions if r.worthwhile]
+    with _kernel_pool() as pool:
+        # compute every fused kernel up front, on as many threads as torch uses (numpy releases the GIL),
+        # while this thread edits the graph region by region
+        jobs = []
+        for region, nodes in regions:
+            dtype, device = _params_and_place(nodes, gm)
+            jobs.append((dtype, device, [None if t.identity else pool.submit(_cast, t, dtype, device)
+                                         for t in region.terms]))
+        done = _rewrite_regions(gm, graph, regions, jobs, lg, report, rw, readers, prefix)
+    for n in list(graph.nodes):
+        if n.op == "get_attr" and not n.users:
+            graph.erase_node(n)
+    return done
+
+
+def _rewrite_regions(gm: ModuleIndex, graph: fx.Graph, regions: list, jobs: list, lg: core.LinearGraph,
+                     report: FuseReport, rw: Rewrite, readers: dict, prefix: str) -> int:
     replaced: dict[str, fx.Node] = {}
     done = 0
-    for region in plan.regions:
-        if not region.worthwhile:
-            continue
-        nodes = [lg.nodes[n].payload for n in region.nodes]
+    for (region, nodes), (dtype, device, kernels) in zip(regions, jobs):
         exit_node = nodes[-1]
         where = prefix + exit_node.name
         try:
             _check_no_mutation(region, lg, exit_node, gm, replaced)
-            dtype, device = _params_and_place(nodes, gm)
-            modules = [(t, None if t.identity else to_module(t.conv, dtype=dtype, device=device))
-                       for t in region.terms]
+            modules = [(t, None if k is None else to_module(k.result(), dtype=dtype, device=device, checked=True))
+                       for t, k in zip(region.terms, kernels)]
         except NotFusable as err:
             report.refused.append((where, str(err)))
             continue
         convs = [n for n in nodes if _is_conv_node(n, gm)]
+        labels = [_op_label(n, gm) for n in nodes]
         with graph.inserting_before(exit_node):
             out = None
             for term, module in modules:
                 src = lg.nodes[term.source].payload
                 src = replaced.get(src.name, src)
                 if module is not None:
-                    name = _module_name(region, convs, nodes, exit_node, term, gm, rw)
+                    name = _module_name(region, convs, nodes, exit_node, term, gm, rw, readers)
                     rw.modules[name] = module
                     gm.add_submodule(name, module)
                     src = graph.call_module(name, (src,))
@@ -140,13 +172,48 @@ def apply_plan(gm: fx.GraphModule, plan: core.Plan, lg: core.LinearGraph, report
         replaced[exit_node.name] = out
         for n in reversed(nodes):
             graph.erase_node(n)
-        report.regions.append(RegionReport(where, [_op_label(n, gm) for n in nodes], len(convs),
+        report.regions.append(RegionReport(where, labels, len(convs),
                                            sum(m is not None for _, m in modules)))
         done += 1
-    for n in list(graph.nodes):
-        if n.op == "get_attr" and not n.users:
-            graph.erase_node(n)
     return done
+
+
+class _Inline:
+    """The executor interface, running each job at once on this thread (one torch thread)."""
+
+    def submit(self, fn, *args) -> Future:
+        fut: Future = Future()
+        try:
+            fut.set_result(fn(*args))
+        except Exception as err:  # delivered by result(), as a pool would
+            fut.set_exception(err)
+        return fut
+
+
+@contextlib.contextmanager
+def _kernel_pool() -> Iterator[ThreadPoolExecutor | _Inline]:
+    workers = torch.get_num_threads()
+    if workers <= 1:
+        yield _Inline()
+        return
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reparam-kernels")
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _cast(term: core.Term, dtype: torch.dtype, device: torch.device) -> core.Conv:
+    """The term's conv in ``dtype`` when numpy has it, else in float64.
+
+    On the CPU the kernel is computed straight into a new tensor: torch's allocator hands out large blocks
+    faster than numpy's (fewer page faults), which matters for models of hundreds of megabytes.
+    """
+    np_dtype = numpy_dtype(dtype)
+    if np_dtype is None:
+        return term.conv
+    out = torch.empty(term.shape, dtype=dtype).numpy() if torch.device(device).type == "cpu" else None
+    return term.cast(np_dtype, out=out)
 
 
 def _check_no_mutation(region: core.Region, lg: core.LinearGraph, exit_node: fx.Node, gm,

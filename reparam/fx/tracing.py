@@ -59,6 +59,12 @@ class ReparamTracer(fx.Tracer):
         return super().call_module(m, forward, args, kwargs)
 
 
+try:  # private but stable since torch 2.2; a plain GraphModule only costs the code generation
+    from torch.fx._lazy_graph_module import _LazyGraphModule as _WorkingGraphModule
+except ImportError:  # pragma: no cover
+    _WorkingGraphModule = fx.GraphModule
+
+
 @contextlib.contextmanager
 def _no_input_check(m: nn.Module) -> Iterator[None]:
     m._check_input_dim = lambda _x: None
@@ -69,11 +75,15 @@ def _no_input_check(m: nn.Module) -> Iterator[None]:
 
 
 def trace(module: nn.Module) -> fx.GraphModule:
-    """Trace ``module`` (already in the mode to fuse in); raises whatever fx raises when it cannot."""
+    """Trace ``module`` (already in the mode to fuse in); raises whatever fx raises when it cannot.
+
+    The result is a working copy that is edited and never returned to the user, so its Python code is
+    generated only if it runs (fx's lazy graph module, when this torch has it).
+    """
     tracer = ReparamTracer()
     graph = tracer.trace(module)
     name = module.__class__.__name__ if isinstance(module, nn.Module) else "Module"
-    return fx.GraphModule(tracer.root, graph, name)
+    return _WorkingGraphModule(tracer.root, graph, name)
 
 
 @contextlib.contextmanager

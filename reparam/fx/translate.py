@@ -42,8 +42,31 @@ class Translation:
     refused: list[tuple[str, str]] = field(default_factory=list)  # (node name, reason)
 
 
+class ModuleIndex:
+    """``gm`` with ``get_submodule`` answered from a cache (the walk down the dotted path is paid once per
+    target); everything else is ``gm``'s own.  Modules added through :meth:`add_submodule` are indexed."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self._modules_by_path: dict[str, nn.Module] = {}
+
+    def get_submodule(self, target: str) -> nn.Module:
+        m = self._modules_by_path.get(target)
+        if m is None:
+            m = self._modules_by_path[target] = self.gm.get_submodule(target)
+        return m
+
+    def add_submodule(self, target: str, module: nn.Module) -> bool:
+        self._modules_by_path[target] = module
+        return self.gm.add_submodule(target, module)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.gm, name)
+
+
 def translate(gm: fx.GraphModule) -> Translation:
     """Build the neutral graph of ``gm``; shapes come from ``node.meta['tensor_meta']`` when present."""
+    gm = gm if isinstance(gm, ModuleIndex) else ModuleIndex(gm)
     out = Translation(core.LinearGraph())
     info: dict[str, tuple[int | None, int | None]] = {}
     users = {n: len(n.users) for n in gm.graph.nodes}

@@ -328,8 +328,8 @@ class _Rewriter:
     def _lower(self, term: core.Term, dtype) -> _Lowered:
         if term.identity:
             return _Lowered(term, None, [])
-        conv = term.conv
-        if conv.ndim == 0:
+        if term.kernel.geometry.ndim == 0:
+            conv = term.conv
             if conv.groups > 1 and not (conv.groups == conv.out_channels == conv.in_channels):
                 conv = core.regroup(conv, 1)
             conv = cast_conv(conv, dtype)
@@ -337,7 +337,7 @@ class _Rewriter:
                 has_bias = conv.bias is not None and bool(np.any(conv.bias != 0))
                 return _Lowered(term, conv, ["Mul"] + (["Add"] if has_bias else []))
             return _Lowered(term, conv, ["Gemm"])
-        conv = cast_conv(conv, dtype)
+        conv = term.cast(dtype)
         if conv.is_padded and conv.padding_mode != "zeros":
             if conv.padding_mode == "circular" and self.opset < 19:
                 raise NotFusable("circular padding needs Pad mode 'wrap' (opset 19 or later)")

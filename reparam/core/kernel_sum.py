@@ -1,0 +1,169 @@
+"""Deferred kernels: a fused kernel kept as a sum of scaled, placed parts until it is needed.
+
+The planner folds a BN into a conv or adds branches thousands of times while it decides what to collapse;
+doing each step on float64 copies of the weights costs several full passes over a large model's memory.
+A :class:`KernelSum` records the steps instead (``sum over parts of scale[o] * part.weight``, each part
+placed in a common window) and :meth:`KernelSum.evaluate` computes the kernel once, straight into the
+target dtype: every element is its exact float64 value rounded once, the same result as computing in
+float64 and casting, without the float64 copy of the whole kernel.  Part weights are only ever read, so
+they may be views of the caller's tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .conv_algebra import _window_slices, sum_geometry, zeros_placeholder
+from .errors import NotFusable
+from .precision import cast_array, f64
+from .types import Conv
+
+_NATIVE = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def placeholder(conv: Conv) -> Conv:
+    """``conv``'s geometry, bias-free, with a zero-memory read-only kernel of the same shape."""
+    return conv._evolve(weight=zeros_placeholder(conv.weight.shape), bias=None)
+
+
+@dataclass(frozen=True)
+class Part:
+    """``scale[o] * conv.weight`` (scale None means 1); ``unit`` marks the identity kernel of a source."""
+
+    conv: Conv
+    scale: np.ndarray | None = None
+    unit: bool = False
+
+
+@dataclass(frozen=True)
+class KernelSum:
+    """A bias-free conv kernel kept as parts; ``geometry`` holds its shape, stride, padding, dilation, groups."""
+
+    geometry: Conv
+    parts: tuple[Part, ...]
+
+    @classmethod
+    def of(cls, conv: Conv, *, unit: bool = False) -> KernelSum:
+        """One part holding ``conv``'s kernel (its bias is dropped: values carry biases separately)."""
+        if conv.weight.dtype not in _NATIVE:  # e.g. bfloat16: numpy ufuncs cannot mix it with float64
+            conv = conv.with_(weight=f64(conv.weight))
+        conv = conv._evolve(bias=None) if conv.bias is not None else conv
+        return cls(placeholder(conv), (Part(conv, unit=unit),))
+
+    @property
+    def is_unit(self) -> bool:
+        """Exactly a source's identity (nothing applied yet)."""
+        return len(self.parts) == 1 and self.parts[0].unit and self.parts[0].scale is None
+
+    def scaled(self, scale: np.ndarray) -> KernelSum:
+        """The kernel with output channel ``o`` multiplied by ``scale[o]`` (float64), deferred."""
+        parts = tuple(Part(p.conv, scale if p.scale is None else p.scale * scale, p.unit) for p in self.parts)
+        return KernelSum(self.geometry, parts)
+
+    def evaluate(self, dtype=np.float64, out: np.ndarray | None = None) -> np.ndarray:
+        """The kernel as a new array of ``dtype`` (float16/32/64), each element rounded once from float64.
+
+        ``out``: an array of the kernel's shape and ``dtype`` to write into instead (a frontend can pass
+        the memory of the tensor that will hold the kernel).
+        """
+        return self._evaluate(dtype, out)[0]
+
+    def _evaluate(self, dtype, out: np.ndarray | None) -> tuple[np.ndarray, bool]:
+        """The kernel and whether every value of it is finite (checked block by block, while in cache)."""
+        g = self.geometry
+        shape = g.weight.shape
+        if out is not None and (out.shape != shape or out.dtype != np.dtype(dtype)):
+            raise ValueError(f"out has shape {out.shape} and dtype {out.dtype}, expected {shape} and {dtype}")
+        if out is None or not out.flags.c_contiguous:
+            target = np.empty(shape, dtype)
+        else:
+            target = out
+        start = tuple(-b for b, _ in g.padding)
+        placed = [(p, _window_slices(p.conv, start, g.dilation, g.kernel_size)[0]) for p in self.parts]
+        full = (slice(None), slice(None), *(slice(0, k, 1) for k in g.kernel_size))
+        main = next((k for k, (p, where) in enumerate(placed)
+                     if where == full and p.conv.groups == g.groups), None)
+        rest = placed if main is None else placed[:main] + placed[main + 1:]
+        finite = _blocks_into(target, None if main is None else placed[main][0], rest, g.groups)
+        if target is not out and out is not None:
+            out[...] = target
+            target = out
+        return target, finite
+
+    def to_conv(self, dtype=np.float64, bias: np.ndarray | None = None, what: str = "fused weight",
+                out: np.ndarray | None = None) -> Conv:
+        """The kernel (and ``bias``) as a :class:`Conv` of ``dtype`` (kernel written into ``out`` if given);
+        a non-finite result is refused."""
+        if np.dtype(dtype) not in _NATIVE:  # bfloat16 and friends: round once from float64
+            w = cast_array(self.evaluate(), dtype, what)
+            b = None if bias is None else cast_array(f64(bias), dtype, "fused bias")
+            return self.geometry.with_(weight=w, bias=b)
+        w, finite = self._evaluate(dtype, out)
+        if not finite:
+            cast_array(self.evaluate(), dtype, what)  # raises with the reason (overflow or non-finite input)
+            raise NotFusable(f"{what} has non-finite values after folding")
+        b = None if bias is None else cast_array(f64(bias), dtype, "fused bias")
+        return self.geometry.with_(weight=w, bias=b)
+
+
+_BLOCK = 65536  # float64 elements per block (512 KiB): the working set stays in a core's cache
+
+
+def _blocks_into(out: np.ndarray, main: Part | None, rest: list[tuple[Part, tuple]], groups: int) -> bool:
+    """Fill C-contiguous ``out`` with ``main + sum(rest)``, block by block of output channels.
+
+    Each block is computed in a float64 buffer (``main`` spans the whole window at the kernel's groups;
+    each other part is added at its taps ``where``) and rounded once into ``out``, so the kernel is
+    read and written once, never held in float64 as a whole.  Returns whether every value is finite.
+    """
+    n_out = out.shape[0]
+    per = int(np.prod(out.shape[1:], dtype=np.int64))
+    step = max(1, min(n_out, max(8, _BLOCK // max(per, 1))))
+    buf = np.empty((step,) + out.shape[1:])
+    finite = True
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported as a refusal instead
+        for i in range(0, n_out, step):
+            j = min(i + step, n_out)
+            b = buf[: j - i]
+            if main is None:
+                b.fill(0.0)
+            else:
+                np.copyto(b, main.conv.weight[i:j])
+                if main.scale is not None:
+                    b *= main.scale[i:j].reshape((-1,) + (1,) * (b.ndim - 1))
+            for p, where in rest:
+                _add_rows(b, p, where, groups, i, j)
+            o = out[i:j]
+            np.copyto(o, b, casting="unsafe")
+            if o.size and not (np.isfinite(o.max()) and np.isfinite(o.min())):  # NaN propagates through both
+                finite = False
+    return finite
+
+
+def _add_rows(block: np.ndarray, p: Part, where: tuple, groups: int, r0: int, r1: int) -> None:
+    """``block += rows r0:r1 of p`` placed at ``where``, in float64 (block-diagonal when ``p`` has more groups)."""
+    w = p.conv.weight[r0:r1]
+    if p.scale is not None:
+        w = w * p.scale[r0:r1].reshape((-1,) + (1,) * (w.ndim - 1))
+    if p.conv.groups == groups:
+        block[(slice(None), *where[1:])] += w
+        return
+    # output channel r of p reads p's input group (r // out_g); in the merged kernel with fewer groups
+    # that group's inputs sit at columns local * in_g + [0, in_g), local being its index inside the group
+    in_g, out_g, per = w.shape[1], p.conv.out_channels // p.conv.groups, p.conv.groups // groups
+    rows = np.arange(r0, r1)
+    cols = ((rows // out_g) % per)[:, None] * in_g + np.arange(in_g)[None, :]
+    block[((rows - r0)[:, None], cols, *where[2:])] += w
+
+
+def sum_kernels(kernels: list[KernelSum]) -> KernelSum:
+    """The deferred sum of kernels applied to one input; legality as :func:`conv_algebra.sum_convs`."""
+    if len(kernels) == 1:
+        return kernels[0]
+    geometry = sum_geometry([k.geometry for k in kernels])
+    return KernelSum(geometry, tuple(p for k in kernels for p in k.parts))
+
+
+__all__ = ["KernelSum", "Part", "placeholder", "sum_kernels"]

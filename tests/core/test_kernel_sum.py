@@ -1,0 +1,104 @@
+"""Deferred kernels (``KernelSum``): evaluated straight into a dtype, they equal the scaled branches run
+one by one with the reference convolution, and each element is rounded once from its float64 value."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from core_helpers import FAST, check_fused
+from hypothesis import given
+from hypothesis import strategies as st
+from test_sum_compose import _sizes, aligned_branches
+
+from reparam.core import Affine, Conv, NotFusable
+from reparam.core.kernel_sum import KernelSum, sum_kernels
+from reparam.testing import strategies as rs
+
+NATIVE = (np.float64, np.float32, np.float16)
+
+
+def _deferred(data, convs):
+    """The scaled sum of ``convs`` (bias-free) as a KernelSum, with the op chains it stands for."""
+    kernels, branches = [], []
+    for c in convs:
+        plain = c.with_(bias=None)
+        k, ops = KernelSum.of(plain), [plain]
+        for _ in range(data.draw(st.integers(0, 2), label="scales")):  # BNs folded one after another
+            s = data.draw(rs.inputs((c.out_channels,), np.float64, scale=2.0), label="scale")
+            k, ops = k.scaled(s), ops + [Affine(scale=s)]
+        kernels.append(k)
+        branches.append(ops)
+    return sum_kernels(kernels), branches
+
+
+@FAST
+@given(data=st.data(), dtype=st.sampled_from(NATIVE))
+def test_deferred_sum_equals_the_branches(data, dtype):
+    convs = data.draw(aligned_branches(data.draw(st.sampled_from(NATIVE), label="weights")), label="convs")
+    kernel, branches = _deferred(data, convs)
+    fused = kernel.to_conv(dtype)
+    assert fused.dtype == dtype and fused.weight.shape == kernel.geometry.weight.shape
+    for sizes in _sizes(data, [[c] for c in convs], convs[0].ndim, count=2):
+        x = data.draw(rs.inputs((1, convs[0].in_channels, *sizes)), label="x")
+        check_fused(fused, branches, x, dtype)
+
+
+@FAST
+@given(data=st.data(), dtype=st.sampled_from([np.float32, np.float16]))
+def test_rounded_once_from_float64(data, dtype):
+    """Blocked evaluation in ``dtype`` is the float64 kernel cast once (at most one unit in the last place
+    apart, where summing the parts in another order moves the float64 value across a rounding boundary)."""
+    convs = data.draw(aligned_branches(np.float32), label="convs")
+    kernel, _ = _deferred(data, convs)
+    wide = kernel.evaluate(np.float64)
+    narrow = kernel.evaluate(dtype)
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_max_ulp(narrow, wide.astype(dtype), maxulp=1)
+
+
+def test_a_single_scaled_kernel_is_exactly_the_float64_product_rounded():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((70, 40, 3, 3)).astype(np.float32)  # several blocks of output channels
+    s = rng.standard_normal(70) * 1e-3
+    got = KernelSum.of(Conv(w, padding=1)).scaled(s).evaluate(np.float32)
+    want = (w.astype(np.float64) * s[:, None, None, None]).astype(np.float32)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_writes_into_out_even_when_not_contiguous():
+    rng = np.random.default_rng(1)
+    a = KernelSum.of(Conv(rng.standard_normal((6, 4, 3, 3)), padding=1))
+    b = KernelSum.of(Conv(rng.standard_normal((6, 4, 1, 1))))
+    k = sum_kernels([a, b.scaled(np.full(6, 0.5))])
+    want = k.evaluate(np.float32)
+    flat = np.empty((6, 4, 3, 3), np.float32)
+    assert k.evaluate(np.float32, out=flat) is flat
+    np.testing.assert_array_equal(flat, want)
+    strided = np.empty((4, 6, 3, 3), np.float32).transpose(1, 0, 2, 3)
+    assert k.evaluate(np.float32, out=strided) is strided
+    np.testing.assert_array_equal(strided, want)
+    with pytest.raises(ValueError, match="expected"):
+        k.evaluate(np.float32, out=np.empty((6, 4, 3, 3), np.float64))
+
+
+def test_evaluation_never_writes_the_parts():
+    w = np.ones((4, 4, 3, 3), np.float32)
+    w.flags.writeable = False  # a frontend's view of the model's own tensor
+    k = sum_kernels([KernelSum.of(Conv(w, padding=1)).scaled(np.full(4, 2.0)),
+                     KernelSum.of(Conv(np.ones((4, 1, 1, 1)), groups=4))])
+    out = k.evaluate(np.float32)
+    assert out[0, 0, 1, 1] == 3.0 and out[0, 1, 1, 1] == 2.0 and np.all(w == 1)
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("overflow", "overflows float16"),
+    ("nan", "non-finite"),
+])
+def test_non_finite_results_are_refused_with_the_reason(case, pattern):
+    w = np.ones((3, 3, 3, 3), np.float16)
+    if case == "nan":
+        w = w.copy()
+        w[2, 1, 0, 0] = np.nan
+    k = KernelSum.of(Conv(w, padding=1)).scaled(np.array([1.0, 1.0, 1e6]))
+    with np.errstate(over="ignore"), pytest.raises(NotFusable, match=pattern):
+        k.to_conv(np.float16)
