@@ -1,14 +1,16 @@
 """What fusing costs, against model size.
 
 torch: ``reparam.fuse(model)`` side by side with ``copy.deepcopy(model)`` of the same model (``fuse`` returns a
-new model, so a deep copy is the floor of what it has to do).  ONNX: the graph pass as the CLI runs it
-(``reparam.onnx.fuse(path)``, which loads the file, then ``onnx.save`` of the result) side by side with a
-plain ``onnx.load`` + ``onnx.save`` round trip of the same file.  Each pair is timed alternately
-(A, B, A, B, ...) and medians are reported, with the ratio of the two medians.
+new model, so a deep copy is the floor of what it has to do), with torch on one thread and on every core
+(``fuse`` computes kernels on torch's threads; ``deepcopy``'s tensor copies use them too).  The garbage
+collector runs, untimed, before every call so both start from the same heap.  ONNX: the graph pass as the CLI
+runs it (``reparam.onnx.fuse(path)``, which loads the file, then ``onnx.save`` of the result) side by side with
+a plain ``onnx.load`` + ``onnx.save`` round trip of the same file.  Each pair is timed alternately
+(A, B, A, B, ...); medians are reported, and for torch the median of the per-round ratios.
 
 Models: RepGhostNet at all eight widths, ResNet50Like (25.6M params) and RepVGGNet (123M params); one
-untimed warm-up call per candidate (none for RepVGGNet, whose fuse alone takes tens of seconds).
-Writes ``fuse_cost.json`` and ``fuse_cost.png`` (time against parameters, log-log).
+untimed warm-up call per candidate.  Writes ``fuse_cost.json`` and ``fuse_cost.png`` (time against
+parameters, log-log).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ QUICK_MODELS = ["repghostnet_0_5x", "repghostnet_1_0x"]
 def main(argv: list[str] | None = None) -> int:
     p = C.parser(__doc__.splitlines()[0])
     p.add_argument("--models", help="comma-separated model keys (default: all; --quick: two small ones)")
-    p.add_argument("--repeats", type=int, help="alternating timed runs per pair (default 5, RepVGGNet 3; quick 2)")
+    p.add_argument("--repeats", type=int, help="alternating timed runs per pair (default 7, RepVGGNet 5; quick 2)")
     args = p.parse_args(argv)
 
     import onnx
@@ -39,27 +41,35 @@ def main(argv: list[str] | None = None) -> int:
     import reparam
     import reparam.onnx as ronnx
     import reparam_zoo
-    from reparam.measure import environment, interleaved_medians
+    from reparam.measure import environment, interleaved_medians, interleaved_times, paired_ratio
 
     models = args.models.split(",") if args.models else (QUICK_MODELS if args.quick else FULL_MODELS)
-    torch.set_num_threads(1)  # fusion is single-threaded numpy work; keep torch from competing
+    cores = torch.get_num_threads()
     tmp = Path(tempfile.mkdtemp(prefix="reparam-fuse-cost-"))
     rows = []
     try:
         for key in models:
-            repeats = args.repeats or (2 if args.quick else (3 if key == "repvggnet" else 5))
+            repeats = args.repeats or (2 if args.quick else (5 if key == "repvggnet" else 7))
             model = C.trained_like(key, args.seed)
             params = reparam_zoo.count_params(model)
-            # one untimed warm-up call per candidate, except for the 123M-parameter model (fuse takes ~20 s)
-            warmup = 1 if params < 50_000_000 else 0
+            warmup = 1
             reports: dict = {}
 
             def torch_fuse(m=model, reports=reports):
                 reports["torch"] = reparam.fuse(m).reparam_report
 
-            C.log(f"{key}: {params:,} params, torch ({repeats} alternating runs, {warmup} warm-up)")
-            torch_med = interleaved_medians({"fuse": torch_fuse, "deepcopy": lambda m=model: copy.deepcopy(m)},
-                                            repeats=repeats, warmup=warmup)
+            torch_rows = {}
+            for threads in dict.fromkeys((1, cores)):
+                torch.set_num_threads(threads)
+                C.log(f"{key}: {params:,} params, torch on {threads} thread(s) ({repeats} alternating runs, "
+                      f"{warmup} warm-up)")
+                times = interleaved_times({"fuse": torch_fuse, "deepcopy": lambda m=model: copy.deepcopy(m)},
+                                          repeats=repeats, warmup=warmup, collect=True)
+                med = {k: statistics.median(v) for k, v in times.items()}
+                torch_rows[threads] = {"threads": threads, "fuse_s": med["fuse"], "deepcopy_s": med["deepcopy"],
+                                       "ratio_fuse_over_deepcopy": med["fuse"] / med["deepcopy"],
+                                       "paired_ratio_fuse_over_deepcopy": paired_ratio(times, "fuse", "deepcopy")}
+            torch.set_num_threads(1)
 
             C.log(f"{key}: exporting to ONNX")
             src = C.export_onnx(model, torch.randn(1, 3, 224, 224), tmp / f"{key}.onnx")
@@ -86,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({
                 "model": key, "label": C.width_label(key), "params": params, "onnx_bytes": size,
                 "repeats": repeats, "warmup": warmup,
-                "torch": {"fuse_s": torch_med["fuse"], "deepcopy_s": torch_med["deepcopy"],
-                          "ratio_fuse_over_deepcopy": torch_med["fuse"] / torch_med["deepcopy"],
-                          "regions": len(reports["torch"].regions), "refused": len(reports["torch"].refused)},
+                "torch": {**torch_rows[1], "regions": len(reports["torch"].regions),
+                          "refused": len(reports["torch"].refused)},
+                "torch_all_cores": torch_rows[cores],
                 "onnx": {"pass_s": onnx_med["pass"], "roundtrip_s": onnx_med["roundtrip"],
                          "pass_fuse_only_s": statistics.median(split["fuse"]),
                          "pass_save_only_s": statistics.median(split["save"]),
@@ -101,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "fuse_cost", "quick": args.quick, "environment": environment(threads=1),
         "settings": {"models": models, "onnx_export": "torch.onnx.export(dynamo=False, opset_version=17), 224x224",
-                     "torch_pair": "reparam.fuse(model) vs copy.deepcopy(model), alternating",
+                     "torch_pair": "reparam.fuse(model) vs copy.deepcopy(model), alternating, gc.collect() "
+                                   "(untimed) before each call; torch on 1 thread, then on all cores",
+                     "all_cores": cores, "target_ratio": 3.0,
                      "onnx_pair": "reparam.onnx.fuse(path) + onnx.save vs onnx.load(path) + onnx.save, alternating",
                      "statistic": "median seconds", "seed": args.seed},
         "models": rows,
@@ -110,9 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     _plot(rows, args.out / "fuse_cost.png", args.quick)
     print("\nfuse cost (median seconds; ratio measured side by side)" + ("  [QUICK: noisy]" if args.quick else ""))
     C.print_table(
-        ["model", "params", "fuse", "deepcopy", "ratio", "ONNX MB", "ONNX pass", "load+save", "ratio"],
+        ["model", "params", "fuse", "deepcopy", "ratio", f"ratio {cores} thr", "ONNX MB", "ONNX pass", "load+save",
+         "ratio"],
         [[r["label"], f"{r['params'] / 1e6:.1f}M", f"{r['torch']['fuse_s']:.3f} s", f"{r['torch']['deepcopy_s']:.3f} s",
-          f"{r['torch']['ratio_fuse_over_deepcopy']:.1f}x", f"{r['onnx_bytes'] / 1e6:.1f}",
+          f"{r['torch']['paired_ratio_fuse_over_deepcopy']:.2f}x",
+          f"{r['torch_all_cores']['paired_ratio_fuse_over_deepcopy']:.2f}x", f"{r['onnx_bytes'] / 1e6:.1f}",
           f"{r['onnx']['pass_s']:.3f} s", f"{r['onnx']['roundtrip_s']:.3f} s",
           f"{r['onnx']['ratio_pass_over_roundtrip']:.1f}x"] for r in rows])
     print(f"\nwrote {path} and {args.out / 'fuse_cost.png'}")
@@ -126,7 +140,7 @@ def _plot(rows: list[dict], path: Path, quick: bool) -> None:
     panels = [
         (axes[0], "torch: reparam.fuse vs copy.deepcopy", "torch",
          [("fuse_s", "reparam.fuse", "#2a7ab9"), ("deepcopy_s", "copy.deepcopy", "#9a9a9a")],
-         "ratio_fuse_over_deepcopy"),
+         "paired_ratio_fuse_over_deepcopy"),
         (axes[1], "ONNX: reparam.onnx.fuse + save vs load + save", "onnx",
          [("pass_s", "ONNX pass (+ save)", "#c0504d"), ("roundtrip_s", "onnx.load + onnx.save", "#9a9a9a")],
          "ratio_pass_over_roundtrip"),

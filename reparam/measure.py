@@ -6,6 +6,7 @@ interleaved (A, B, A, B, ...) in one process so that machine noise hits them ali
 
 from __future__ import annotations
 
+import gc
 import os
 import platform
 import statistics
@@ -17,24 +18,32 @@ __all__ = ["environment", "interleaved_medians", "interleaved_times", "ort_runne
            "torch_runner"]
 
 
-def interleaved_times(fns: Mapping[str, Callable[[], Any]], repeats: int = 20,
-                      warmup: int = 3) -> dict[str, list[float]]:
-    """Seconds per call of each function, measured round-robin: entry ``i`` of every list is from round ``i``."""
+def interleaved_times(fns: Mapping[str, Callable[[], Any]], repeats: int = 20, warmup: int = 3,
+                      collect: bool = False) -> dict[str, list[float]]:
+    """Seconds per call of each function, measured round-robin: entry ``i`` of every list is from round ``i``.
+
+    ``collect``: run the garbage collector (untimed) before every call, so each starts from the same heap.
+    Results held in reference cycles (an fx GraphModule) are otherwise freed at random later points, and a
+    call allocating hundreds of megabytes then pays for fresh memory pages that another call does not.
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
+            if collect:
+                gc.collect()
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
     return times
 
 
-def interleaved_medians(fns: Mapping[str, Callable[[], Any]], repeats: int = 20, warmup: int = 3) -> dict[str, float]:
+def interleaved_medians(fns: Mapping[str, Callable[[], Any]], repeats: int = 20, warmup: int = 3,
+                        collect: bool = False) -> dict[str, float]:
     """Median seconds per call of each function, measured round-robin."""
-    return {k: statistics.median(v) for k, v in interleaved_times(fns, repeats, warmup).items()}
+    return {k: statistics.median(v) for k, v in interleaved_times(fns, repeats, warmup, collect).items()}
 
 
 def paired_ratio(times: Mapping[str, list[float]], num: str, den: str) -> float:
