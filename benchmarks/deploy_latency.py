@@ -34,15 +34,15 @@ def _repeats(key: str, quick: bool, override: int | None) -> int:
         return override
     if quick:
         return 3
-    return {"repvggnet": 8, "resnet50like": 15}.get(key, 30)
+    return {"repvggnet": 20, "resnet50like": 20}.get(key, 30)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = C.parser(__doc__.splitlines()[0])
     p.add_argument("--models", help="comma-separated model keys (default: RepGhostNet 0.5x/1.0x/1.5x, "
                                     "ResNet50Like, RepVGGNet; --quick: RepGhostNet 1.0x)")
-    p.add_argument("--repeats", type=int, help="interleaved timed runs per variant (default 30; ResNet50Like 15, "
-                                               "RepVGGNet 8; quick 3)")
+    p.add_argument("--repeats", type=int, help="interleaved timed runs per variant (default 30; ResNet50Like 20, "
+                                               "RepVGGNet 20; quick 3)")
     p.add_argument("--ort-level", default="all", choices=["disable", "basic", "extended", "all"],
                    help="ONNX Runtime graph optimization level for every session (default all)")
     args = p.parse_args(argv)

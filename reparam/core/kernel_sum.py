@@ -11,6 +11,8 @@ they may be views of the caller's tensors.
 
 from __future__ import annotations
 
+import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,7 +72,7 @@ class KernelSum:
         """
         return self._evaluate(dtype, out)[0]
 
-    def _evaluate(self, dtype, out: np.ndarray | None) -> tuple[np.ndarray, bool]:
+    def _evaluate(self, dtype, out: np.ndarray | None, threads: int = 1) -> tuple[np.ndarray, bool]:
         """The kernel and whether every value of it is finite (checked block by block, while in cache)."""
         g = self.geometry
         shape = g.weight.shape
@@ -86,21 +88,22 @@ class KernelSum:
         main = next((k for k, (p, where) in enumerate(placed)
                      if where == full and p.conv.groups == g.groups), None)
         rest = placed if main is None else placed[:main] + placed[main + 1:]
-        finite = _blocks_into(target, None if main is None else placed[main][0], rest, g.groups)
+        finite = _Blocks(target, None if main is None else placed[main][0], rest, g.groups).run(threads)
         if target is not out and out is not None:
             out[...] = target
             target = out
         return target, finite
 
     def to_conv(self, dtype=np.float64, bias: np.ndarray | None = None, what: str = "fused weight",
-                out: np.ndarray | None = None) -> Conv:
+                out: np.ndarray | None = None, threads: int = 1) -> Conv:
         """The kernel (and ``bias``) as a :class:`Conv` of ``dtype`` (kernel written into ``out`` if given);
-        a non-finite result is refused."""
+        a non-finite result is refused.  ``threads``: split a large kernel's output channels among that
+        many threads (numpy releases the GIL while it computes)."""
         if np.dtype(dtype) not in _NATIVE:  # bfloat16 and friends: round once from float64
             w = cast_array(self.evaluate(), dtype, what)
             b = None if bias is None else cast_array(f64(bias), dtype, "fused bias")
             return self.geometry.with_(weight=w, bias=b)
-        w, finite = self._evaluate(dtype, out)
+        w, finite = self._evaluate(dtype, out, threads)
         if not finite:
             cast_array(self.evaluate(), dtype, what)  # raises with the reason (overflow or non-finite input)
             raise NotFusable(f"{what} has non-finite values after folding")
@@ -108,38 +111,71 @@ class KernelSum:
         return self.geometry.with_(weight=w, bias=b)
 
 
-_BLOCK = 65536  # float64 elements per block (512 KiB): the working set stays in a core's cache
+_BLOCK = 131072  # float64 elements per block (1 MiB): the working set stays in a core's L2 cache
+_THREADED = 1 << 22  # kernels of at least 4M elements are split among threads when asked to (smaller: no gain)
 
 
-def _blocks_into(out: np.ndarray, main: Part | None, rest: list[tuple[Part, tuple]], groups: int) -> bool:
+class _Blocks:
     """Fill C-contiguous ``out`` with ``main + sum(rest)``, block by block of output channels.
 
-    Each block is computed in a float64 buffer (``main`` spans the whole window at the kernel's groups;
-    each other part is added at its taps ``where``) and rounded once into ``out``, so the kernel is
-    read and written once, never held in float64 as a whole.  Returns whether every value is finite.
+    Each block is computed in a float64 buffer (``main`` spans the whole window at the kernel's groups and
+    is copied and scaled; the other parts are added at their taps) and rounded once into ``out``, so the
+    kernel is read and written once and never held in float64 as a whole.  When the other parts touch a
+    strict sub-box of the taps (RepVGG's 1x1 and identity sit at the centre of the 3x3), their sum over
+    that box is computed once for all channels, and each block adds its rows of it.
     """
-    n_out = out.shape[0]
-    per = int(np.prod(out.shape[1:], dtype=np.int64))
-    step = max(1, min(n_out, max(8, _BLOCK // max(per, 1))))
-    buf = np.empty((step,) + out.shape[1:])
-    finite = True
-    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported as a refusal instead
-        for i in range(0, n_out, step):
-            j = min(i + step, n_out)
-            b = buf[: j - i]
-            if main is None:
-                b.fill(0.0)
-            else:
-                np.copyto(b, main.conv.weight[i:j])
-                if main.scale is not None:
-                    b *= main.scale[i:j].reshape((-1,) + (1,) * (b.ndim - 1))
-            for p, where in rest:
-                _add_rows(b, p, where, groups, i, j)
-            o = out[i:j]
-            np.copyto(o, b, casting="unsafe")
-            if o.size and not (np.isfinite(o.max()) and np.isfinite(o.min())):  # NaN propagates through both
-                finite = False
-    return finite
+
+    def __init__(self, out: np.ndarray, main: Part | None, rest: list[tuple[Part, tuple]], groups: int) -> None:
+        self.out, self.main, self.rest, self.groups = out, main, rest, groups
+        self.box: tuple[slice, ...] = ()
+        self.box_sum: np.ndarray | None = None
+        if main is not None and rest:
+            box = tuple(slice(min(w[d].start for _, w in rest), max(w[d].stop for _, w in rest))
+                        for d in range(2, out.ndim))
+            if math.prod(b.stop - b.start for b in box) < math.prod(out.shape[2:]):
+                self.box = (slice(None), slice(None), *box)
+                self.box_sum = np.zeros(out.shape[:2] + tuple(b.stop - b.start for b in box))
+                for p, where in rest:
+                    shifted = (*where[:2], *(slice(w.start - b.start, w.stop - b.start, w.step)
+                                             for w, b in zip(where[2:], box)))
+                    _add_rows(self.box_sum, p, shifted, groups, 0, out.shape[0])
+
+    def run(self, threads: int = 1) -> bool:
+        """Compute every block; True if every value is finite."""
+        n = self.out.shape[0]
+        if threads <= 1 or self.out.size < _THREADED or n < 2:
+            return self.rows(0, n)
+        cuts = [n * k // threads for k in range(threads + 1)]
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="reparam-kernel") as pool:
+            return all(list(pool.map(self.rows, cuts[:-1], cuts[1:])))
+
+    def rows(self, r0: int, r1: int) -> bool:
+        """Compute output channels ``r0:r1``; True if they are all finite."""
+        out, main = self.out, self.main
+        per = math.prod(out.shape[1:])
+        step = max(1, min(r1 - r0, max(8, _BLOCK // max(per, 1))))
+        buf = np.empty((step,) + out.shape[1:])
+        finite = True
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported as a refusal instead
+            for i in range(r0, r1, step):
+                j = min(i + step, r1)
+                b = buf[: j - i]
+                if main is None:
+                    b.fill(0.0)
+                else:
+                    np.copyto(b, main.conv.weight[i:j])
+                    if main.scale is not None:
+                        b *= main.scale[i:j].reshape((-1,) + (1,) * (b.ndim - 1))
+                if self.box_sum is not None:
+                    b[self.box] += self.box_sum[i:j]
+                else:
+                    for p, where in self.rest:
+                        _add_rows(b, p, where, self.groups, i, j)
+                o = out[i:j]
+                np.copyto(o, b, casting="unsafe")
+                if o.size and not (np.isfinite(o.max()) and np.isfinite(o.min())):  # NaN propagates through both
+                    finite = False
+        return finite
 
 
 def _add_rows(block: np.ndarray, p: Part, where: tuple, groups: int, r0: int, r1: int) -> None:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import operator
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -125,33 +122,21 @@ def apply_plan(gm: fx.GraphModule, plan: core.Plan, lg: core.LinearGraph, report
     graph = gm.graph
     gm = ModuleIndex(gm)
     readers = _readers_by_path(graph)
-    regions = [(r, [lg.nodes[n].payload for n in r.nodes]) for r in plan.regions if r.worthwhile]
-    with _kernel_pool() as pool:
-        # compute every fused kernel up front, on as many threads as torch uses (numpy releases the GIL),
-        # while this thread edits the graph region by region
-        jobs = []
-        for region, nodes in regions:
-            dtype, device = _params_and_place(nodes, gm)
-            jobs.append((dtype, device, [None if t.identity else pool.submit(_cast, t, dtype, device)
-                                         for t in region.terms]))
-        done = _rewrite_regions(gm, graph, regions, jobs, lg, report, rw, readers, prefix)
-    for n in list(graph.nodes):
-        if n.op == "get_attr" and not n.users:
-            graph.erase_node(n)
-    return done
-
-
-def _rewrite_regions(gm: ModuleIndex, graph: fx.Graph, regions: list, jobs: list, lg: core.LinearGraph,
-                     report: FuseReport, rw: Rewrite, readers: dict, prefix: str) -> int:
     replaced: dict[str, fx.Node] = {}
+    threads = torch.get_num_threads()
     done = 0
-    for (region, nodes), (dtype, device, kernels) in zip(regions, jobs):
+    for region in plan.regions:
+        if not region.worthwhile:
+            continue
+        nodes = [lg.nodes[n].payload for n in region.nodes]
         exit_node = nodes[-1]
         where = prefix + exit_node.name
         try:
             _check_no_mutation(region, lg, exit_node, gm, replaced)
-            modules = [(t, None if k is None else to_module(k.result(), dtype=dtype, device=device, checked=True))
-                       for t, k in zip(region.terms, kernels)]
+            dtype, device = _params_and_place(nodes, gm)
+            modules = [(t, None if t.identity else to_module(_cast(t, dtype, device, threads), dtype=dtype,
+                                                             device=device, checked=True))
+                       for t in region.terms]
         except NotFusable as err:
             report.refused.append((where, str(err)))
             continue
@@ -175,45 +160,23 @@ def _rewrite_regions(gm: ModuleIndex, graph: fx.Graph, regions: list, jobs: list
         report.regions.append(RegionReport(where, labels, len(convs),
                                            sum(m is not None for _, m in modules)))
         done += 1
+    for n in list(graph.nodes):
+        if n.op == "get_attr" and not n.users:
+            graph.erase_node(n)
     return done
 
 
-class _Inline:
-    """The executor interface, running each job at once on this thread (one torch thread)."""
-
-    def submit(self, fn, *args) -> Future:
-        fut: Future = Future()
-        try:
-            fut.set_result(fn(*args))
-        except Exception as err:  # delivered by result(), as a pool would
-            fut.set_exception(err)
-        return fut
-
-
-@contextlib.contextmanager
-def _kernel_pool() -> Iterator[ThreadPoolExecutor | _Inline]:
-    workers = torch.get_num_threads()
-    if workers <= 1:
-        yield _Inline()
-        return
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reparam-kernels")
-    try:
-        yield pool
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _cast(term: core.Term, dtype: torch.dtype, device: torch.device) -> core.Conv:
+def _cast(term: core.Term, dtype: torch.dtype, device: torch.device, threads: int) -> core.Conv:
     """The term's conv in ``dtype`` when numpy has it, else in float64.
 
-    On the CPU the kernel is computed straight into a new tensor: torch's allocator hands out large blocks
-    faster than numpy's (fewer page faults), which matters for models of hundreds of megabytes.
+    On the CPU the kernel is computed straight into a new tensor (torch's allocator hands out large blocks
+    faster than numpy's, with fewer page faults), a large one on as many threads as torch uses.
     """
     np_dtype = numpy_dtype(dtype)
     if np_dtype is None:
         return term.conv
     out = torch.empty(term.shape, dtype=dtype).numpy() if torch.device(device).type == "cpu" else None
-    return term.cast(np_dtype, out=out)
+    return term.cast(np_dtype, out=out, threads=threads)
 
 
 def _check_no_mutation(region: core.Region, lg: core.LinearGraph, exit_node: fx.Node, gm,
