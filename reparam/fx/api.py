@@ -14,7 +14,8 @@ from ..core.errors import ReparamError
 from .report import FuseReport
 from .rewrite import Rewrite, apply_plan, drop_identities, fold_conv_transpose_bn
 from .tracing import eval_mode, frozen_training_state, safe_deepcopy, trace
-from .translate import attr_at, translate
+from .translate import translate
+from .workspace import Workspace, attr_at
 
 
 def _as_tuple(inputs: Any) -> tuple:
@@ -77,16 +78,19 @@ def _brief(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}"[:200]
 
 
-def _fuse_traced(gm: fx.GraphModule, inputs: tuple, rep: FuseReport, allow_costlier: bool, prefix: str,
+def _fuse_traced(gm: Workspace, inputs: tuple, rep: FuseReport, allow_costlier: bool, prefix: str,
                  copy_originals: bool) -> fx.GraphModule | None:
     """Fuse a traced module; None when nothing changed (the caller keeps the original)."""
     if inputs:
         try:
-            with torch.no_grad(), frozen_training_state(gm):
-                ShapeProp(gm).propagate(*inputs)
+            runnable = gm.graph_module()
+            with torch.no_grad(), frozen_training_state(runnable):
+                ShapeProp(runnable).propagate(*inputs)
         except Exception as err:
             rep.skipped.append((prefix or "shape propagation", f"example inputs did not run ({_brief(err)}); "
                                 "continuing without shapes"))
+        finally:
+            gm.graph.owning_module = None  # the rewrite adds modules that GraphModule does not hold
     rw = Rewrite()
     changed = drop_identities(gm, rep, prefix) + fold_conv_transpose_bn(gm, rep, rw, prefix)
     tr = translate(gm)
@@ -97,7 +101,7 @@ def _fuse_traced(gm: fx.GraphModule, inputs: tuple, rep: FuseReport, allow_costl
     if not changed:
         return None
     gm.graph.lint()
-    out = fx.GraphModule(gm, gm.graph, gm.__class__.__name__)
+    out = gm.graph_module()
     if copy_originals:
         _copy_originals(out, rw)
     return out

@@ -22,7 +22,7 @@ from ..torch_ops import (
     to_tensor,
 )
 from .report import FuseReport, RegionReport
-from .translate import ModuleIndex, attr_at
+from .workspace import Workspace
 
 
 @dataclass
@@ -32,20 +32,20 @@ class Rewrite:
     modules: dict[str, nn.Module] = field(default_factory=dict)
 
 
-def _op_label(node: fx.Node, gm: fx.GraphModule | ModuleIndex) -> str:
+def _op_label(node: fx.Node, gm: Workspace) -> str:
     if node.op == "call_module":
         return f"{type(gm.get_submodule(node.target)).__name__}({node.target})"
     target = getattr(node.target, "__name__", str(node.target))
     return f"{target}"
 
 
-def _is_conv_node(node: fx.Node, gm: fx.GraphModule | ModuleIndex) -> bool:
+def _is_conv_node(node: fx.Node, gm: Workspace) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
     return node.op == "call_function" and "conv" in getattr(node.target, "__name__", "")
 
 
-def _mutates(node: fx.Node, gm: fx.GraphModule | ModuleIndex) -> fx.Node | None:
+def _mutates(node: fx.Node, gm: Workspace) -> fx.Node | None:
     """The input an in-place node overwrites, if any."""
     first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
     if node.op == "call_method" and str(node.target).endswith("_") and not str(node.target).endswith("__"):
@@ -66,7 +66,7 @@ def _mutates(node: fx.Node, gm: fx.GraphModule | ModuleIndex) -> fx.Node | None:
 _INPLACE_OPERATORS = (operator.iadd, operator.imul, operator.isub, operator.itruediv)
 
 
-def _params_and_place(region_nodes: list[fx.Node], gm: ModuleIndex) -> tuple[torch.dtype, torch.device]:
+def _params_and_place(region_nodes: list[fx.Node], gm: Workspace) -> tuple[torch.dtype, torch.device]:
     for n in region_nodes:
         if n.op == "call_module":
             for p in gm.get_submodule(n.target).parameters():
@@ -74,7 +74,7 @@ def _params_and_place(region_nodes: list[fx.Node], gm: ModuleIndex) -> tuple[tor
         if n.op == "call_function":
             for a in n.args:
                 if isinstance(a, fx.Node) and a.op == "get_attr":
-                    t = attr_at(gm, a.target)
+                    t = gm.attr(a.target)
                     if isinstance(t, torch.Tensor) and t.is_floating_point():
                         return t.dtype, t.device
     tm = region_nodes[0].meta.get("tensor_meta")
@@ -108,19 +108,18 @@ def _module_name(region, convs, nodes, exit_node, term, gm, rw, readers: dict[st
     return _fresh_name(f"{exit_node.name}_{term.source}", gm, rw.modules)
 
 
-def _fresh_name(base: str, gm: fx.GraphModule, taken: dict[str, nn.Module]) -> str:
+def _fresh_name(base: str, gm: Workspace, taken: dict[str, nn.Module]) -> str:
     base = base.replace(".", "_") or "fused"
     name, k = base, 1
-    while name in taken or hasattr(gm, name):
+    while name in taken or gm.has_attr(name):
         name, k = f"{base}_{k}", k + 1
     return name
 
 
-def apply_plan(gm: fx.GraphModule, plan: core.Plan, lg: core.LinearGraph, report: FuseReport,
+def apply_plan(gm: Workspace, plan: core.Plan, lg: core.LinearGraph, report: FuseReport,
                rw: Rewrite, prefix: str = "") -> int:
     """Rewrite ``gm.graph`` in place from ``plan``; returns the number of regions rewritten."""
     graph = gm.graph
-    gm = ModuleIndex(gm)
     readers = _readers_by_path(graph)
     replaced: dict[str, fx.Node] = {}
     threads = torch.get_num_threads()
@@ -203,7 +202,7 @@ def _before(a: fx.Node, b: fx.Node) -> bool:
     return False
 
 
-def drop_identities(gm: fx.GraphModule, report: FuseReport, prefix: str = "") -> int:
+def drop_identities(gm: Workspace, report: FuseReport, prefix: str = "") -> int:
     """Remove eval-mode no-ops (nn.Identity, dropout modules and ``F.dropout(training=False)``)."""
     done = 0
     for node in list(gm.graph.nodes):
@@ -231,7 +230,7 @@ def drop_identities(gm: fx.GraphModule, report: FuseReport, prefix: str = "") ->
 _DROPOUT_NAMES = {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout"}
 
 
-def fold_conv_transpose_bn(gm: fx.GraphModule, report: FuseReport, rw: Rewrite, prefix: str = "") -> int:
+def fold_conv_transpose_bn(gm: Workspace, report: FuseReport, rw: Rewrite, prefix: str = "") -> int:
     """ConvTranspose followed by its only user, an eval-mode BN module: one transposed conv."""
     done = 0
     for node in list(gm.graph.nodes):

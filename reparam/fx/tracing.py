@@ -11,6 +11,7 @@ import torch
 from torch import fx, nn
 
 from ..torch_ops import _BNS, _CONV_TRANSPOSES, _CONVS, _PADS, _POOLS, plain_forward
+from .workspace import Workspace
 
 
 class _InplaceProxy(fx.Proxy):
@@ -59,12 +60,6 @@ class ReparamTracer(fx.Tracer):
         return super().call_module(m, forward, args, kwargs)
 
 
-try:  # private but stable since torch 2.2; a plain GraphModule only costs the code generation
-    from torch.fx._lazy_graph_module import _LazyGraphModule as _WorkingGraphModule
-except ImportError:  # pragma: no cover
-    _WorkingGraphModule = fx.GraphModule
-
-
 @contextlib.contextmanager
 def _no_input_check(m: nn.Module) -> Iterator[None]:
     m._check_input_dim = lambda _x: None
@@ -74,16 +69,21 @@ def _no_input_check(m: nn.Module) -> Iterator[None]:
         del m._check_input_dim
 
 
-def trace(module: nn.Module) -> fx.GraphModule:
-    """Trace ``module`` (already in the mode to fuse in); raises whatever fx raises when it cannot.
-
-    The result is a working copy that is edited and never returned to the user, so its Python code is
-    generated only if it runs (fx's lazy graph module, when this torch has it).
-    """
+def trace(module: nn.Module) -> Workspace:
+    """Trace ``module`` (already in the mode to fuse in); raises whatever fx raises when it cannot."""
     tracer = ReparamTracer()
-    graph = tracer.trace(module)
+    before = set(vars(module))
+    try:
+        graph = tracer.trace(module)
+    finally:
+        # fx stores tensors the code reads from outside the module (globals) on the module itself as
+        # ``_tensor_constant<i>``: take them back off the model, the workspace holds them
+        added = {k: vars(module).pop(k) for k in set(vars(module)) - before}
     name = module.__class__.__name__ if isinstance(module, nn.Module) else "Module"
-    return _WorkingGraphModule(tracer.root, graph, name)
+    ws = Workspace(tracer.root, graph, name)
+    for k, v in added.items():
+        ws.add_submodule(k, v)
+    return ws
 
 
 @contextlib.contextmanager

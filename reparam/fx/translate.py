@@ -21,6 +21,7 @@ from torch import fx, nn
 from .. import core
 from ..core.errors import NotFusable
 from ..torch_ops import _BNS, _CONVS, to_core, to_numpy
+from .workspace import Workspace
 
 _ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.Sigmoid,
                         nn.Tanh, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.Mish, nn.Softplus)
@@ -42,31 +43,8 @@ class Translation:
     refused: list[tuple[str, str]] = field(default_factory=list)  # (node name, reason)
 
 
-class ModuleIndex:
-    """``gm`` with ``get_submodule`` answered from a cache (the walk down the dotted path is paid once per
-    target); everything else is ``gm``'s own.  Modules added through :meth:`add_submodule` are indexed."""
-
-    def __init__(self, gm: fx.GraphModule) -> None:
-        self.gm = gm
-        self._modules_by_path: dict[str, nn.Module] = {}
-
-    def get_submodule(self, target: str) -> nn.Module:
-        m = self._modules_by_path.get(target)
-        if m is None:
-            m = self._modules_by_path[target] = self.gm.get_submodule(target)
-        return m
-
-    def add_submodule(self, target: str, module: nn.Module) -> bool:
-        self._modules_by_path[target] = module
-        return self.gm.add_submodule(target, module)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.gm, name)
-
-
-def translate(gm: fx.GraphModule) -> Translation:
+def translate(gm: Workspace) -> Translation:
     """Build the neutral graph of ``gm``; shapes come from ``node.meta['tensor_meta']`` when present."""
-    gm = gm if isinstance(gm, ModuleIndex) else ModuleIndex(gm)
     out = Translation(core.LinearGraph())
     info: dict[str, tuple[int | None, int | None]] = {}
     users = {n: len(n.users) for n in gm.graph.nodes}
@@ -126,25 +104,17 @@ def _shape(node, gm, op, inputs, info) -> tuple[int | None, int | None]:
     return None, None
 
 
-def _const(arg: Any, gm: fx.GraphModule) -> np.ndarray | None:
+def _const(arg: Any, gm: Workspace) -> np.ndarray | None:
     """A python number or a get_attr tensor as a float64 array; None for anything else."""
     if isinstance(arg, bool):
         return None
     if isinstance(arg, Number):
         return np.asarray([float(arg)])
     if isinstance(arg, fx.Node) and arg.op == "get_attr":
-        t = attr_at(gm, arg.target)
+        t = gm.attr(arg.target)
         if isinstance(t, torch.Tensor) and t.is_floating_point():
             return to_numpy(t)
     return None
-
-
-def attr_at(root: nn.Module, target: str) -> Any:
-    """The module, parameter or buffer at a dotted path (an fx ``get_attr``/``call_module`` target)."""
-    obj: Any = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _per_channel(c: np.ndarray, ndim: int | None) -> np.ndarray | None:
@@ -165,15 +135,15 @@ def _per_channel(c: np.ndarray, ndim: int | None) -> np.ndarray | None:
     return None
 
 
-def _param(arg: Any, gm: fx.GraphModule, what: str) -> np.ndarray | None:
+def _param(arg: Any, gm: Workspace, what: str) -> np.ndarray | None:
     if arg is None:
         return None
     if isinstance(arg, fx.Node) and arg.op == "get_attr":
-        return to_numpy(attr_at(gm, arg.target))
+        return to_numpy(gm.attr(arg.target))
     raise NotFusable(f"{what} is computed at run time, not a stored tensor")
 
 
-def _classify(node: fx.Node, gm: fx.GraphModule, users: dict, info: dict) -> tuple[core.LinearOp | None, list | None]:
+def _classify(node: fx.Node, gm: Workspace, users: dict, info: dict) -> tuple[core.LinearOp | None, list | None]:
     """The core op of ``node`` and its tensor inputs, or (None, None) when it is not linear."""
     if node.op == "placeholder":
         return None, None
@@ -186,7 +156,7 @@ def _classify(node: fx.Node, gm: fx.GraphModule, users: dict, info: dict) -> tup
     return None, None
 
 
-def _classify_module(node: fx.Node, gm: fx.GraphModule):
+def _classify_module(node: fx.Node, gm: Workspace):
     m = gm.get_submodule(node.target)
     if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
         return None, None
@@ -207,7 +177,7 @@ def _classify_module(node: fx.Node, gm: fx.GraphModule):
         return None, None
 
 
-def _feeds_bn(node: fx.Node, gm: fx.GraphModule) -> bool:
+def _feeds_bn(node: fx.Node, gm: Workspace) -> bool:
     for u in node.users:
         if u.op == "call_module" and isinstance(gm.get_submodule(u.target), _BNS):
             return True

@@ -514,6 +514,32 @@ def test_input_model_untouched() -> None:
         torch.testing.assert_close(fused(x), before)
 
 
+_GLOBAL_SCALE = torch.linspace(0.5, 2.0, 4).reshape(1, 4, 1, 1)
+
+
+class ReadsAGlobal(nn.Module):
+    """Reads a tensor that is not an attribute: fx would store it on the model as ``_tensor_constant0``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = RepVGG()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x) * _GLOBAL_SCALE + _GLOBAL_SCALE
+
+
+@pytest.mark.parametrize("example", [False, True])
+def test_tracing_leaves_no_attribute_on_the_model(example: bool) -> None:
+    torch.manual_seed(0)
+    model = ReadsAGlobal()
+    randomize_bn_(model, 0)
+    model.eval()
+    names = set(vars(model))
+    fused = reparam.fuse(model, _x() if example else None)
+    assert set(vars(model)) == names, set(vars(model)) - names
+    assert_equivalent(model, fused, _x(), rtol=1e-5)
+
+
 def test_result_is_eval_mode() -> None:
     model = _mixed_flags_model()
     fused = reparam.fuse(model)

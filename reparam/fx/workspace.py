@@ -1,0 +1,67 @@
+"""The traced graph being rewritten, and the modules it calls into.
+
+Tracing gives a graph over the model's own modules.  Rather than copying the module tree into a working
+GraphModule (and generating its Python code) only to build the result from it again, the rewrite passes
+edit the graph here: lookups read the model, modules made by the rewrite are kept aside, and
+:meth:`Workspace.graph_module` builds the one GraphModule the user gets.  The model itself is never
+changed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import fx, nn
+
+
+def attr_at(root: nn.Module, target: str) -> Any:
+    """The module, parameter or buffer at a dotted path (an fx ``get_attr``/``call_module`` target)."""
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class Workspace:
+    """``graph`` (traced from ``root``) under rewrite, with the modules added so far by qualified name."""
+
+    def __init__(self, root: nn.Module, graph: fx.Graph, name: str) -> None:
+        self.root, self.graph, self.name = root, graph, name
+        self.added: dict[str, nn.Module] = {}
+        self._modules: dict[str, nn.Module] = {}  # root's submodules already looked up (each walk done once)
+
+    def get_submodule(self, target: str) -> nn.Module:
+        m = self.added.get(target) or self._modules.get(target)
+        if m is None:
+            m = self._modules[target] = self.root.get_submodule(target)
+        return m
+
+    def add_submodule(self, target: str, module: nn.Module | Any) -> None:
+        """Record ``module`` (or a constant tensor) at ``target``, which may replace one of the model's
+        modules in the result."""
+        self.added[target] = module
+
+    def has_attr(self, name: str) -> bool:
+        """``name`` is taken at the top level, by the model or by an added module."""
+        return name in self.added or hasattr(self.root, name)
+
+    def attr(self, target: str) -> Any:
+        """The object at a dotted path, added modules first (also for paths below one)."""
+        if target in self.added:
+            return self.added[target]
+        parts = target.split(".")
+        for k in range(len(parts) - 1, 0, -1):
+            head = ".".join(parts[:k])
+            if head in self.added:
+                return attr_at(self.added[head], ".".join(parts[k:]))
+        return attr_at(self.root, target)
+
+    def graph_module(self) -> fx.GraphModule:
+        """A GraphModule of the current graph holding just the modules and tensors it uses (the result,
+        or, before any rewrite, the traced model to run for shape propagation)."""
+        targets = {n.target: None for n in self.graph.nodes if n.op in ("call_module", "get_attr")}
+        return fx.GraphModule({t: self.attr(t) for t in targets}, self.graph, self.name)
+
+
+
+__all__ = ["Workspace", "attr_at"]
