@@ -12,7 +12,6 @@ they may be views of the caller's tensors.
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,7 +71,7 @@ class KernelSum:
         """
         return self._evaluate(dtype, out)[0]
 
-    def _evaluate(self, dtype, out: np.ndarray | None, threads: int = 1) -> tuple[np.ndarray, bool]:
+    def _evaluate(self, dtype, out: np.ndarray | None) -> tuple[np.ndarray, bool]:
         """The kernel and whether every value of it is finite (checked block by block, while in cache)."""
         g = self.geometry
         shape = g.weight.shape
@@ -88,22 +87,22 @@ class KernelSum:
         main = next((k for k, (p, where) in enumerate(placed)
                      if where == full and p.conv.groups == g.groups), None)
         rest = placed if main is None else placed[:main] + placed[main + 1:]
-        finite = _Blocks(target, None if main is None else placed[main][0], rest, g.groups).run(threads)
+        blocks = _Blocks(target, None if main is None else placed[main][0], rest, g.groups)
+        finite = blocks.rows(0, shape[0])
         if target is not out and out is not None:
             out[...] = target
             target = out
         return target, finite
 
     def to_conv(self, dtype=np.float64, bias: np.ndarray | None = None, what: str = "fused weight",
-                out: np.ndarray | None = None, threads: int = 1) -> Conv:
+                out: np.ndarray | None = None) -> Conv:
         """The kernel (and ``bias``) as a :class:`Conv` of ``dtype`` (kernel written into ``out`` if given);
-        a non-finite result is refused.  ``threads``: split a large kernel's output channels among that
-        many threads (numpy releases the GIL while it computes)."""
+        a non-finite result is refused."""
         if np.dtype(dtype) not in _NATIVE:  # bfloat16 and friends: round once from float64
             w = cast_array(self.evaluate(), dtype, what)
             b = None if bias is None else cast_array(f64(bias), dtype, "fused bias")
             return self.geometry.with_(weight=w, bias=b)
-        w, finite = self._evaluate(dtype, out, threads)
+        w, finite = self._evaluate(dtype, out)
         if not finite:
             cast_array(self.evaluate(), dtype, what)  # raises with the reason (overflow or non-finite input)
             raise NotFusable(f"{what} has non-finite values after folding")
@@ -112,7 +111,6 @@ class KernelSum:
 
 
 _BLOCK = 131072  # float64 elements per block (1 MiB): the working set stays in a core's L2 cache
-_THREADED = 1 << 22  # kernels of at least 4M elements are split among threads when asked to (smaller: no gain)
 
 
 class _Blocks:
@@ -120,34 +118,21 @@ class _Blocks:
 
     Each block is computed in a float64 buffer (``main`` spans the whole window at the kernel's groups and
     is copied and scaled; the other parts are added at their taps) and rounded once into ``out``, so the
-    kernel is read and written once and never held in float64 as a whole.  When the other parts touch a
-    strict sub-box of the taps (RepVGG's 1x1 and identity sit at the centre of the 3x3), their sum over
-    that box is computed once for all channels, and each block adds its rows of it.
+    kernel is read and written once and never held in float64 as a whole; every temporary is block-sized.
+    When the other parts touch a strict sub-box of the taps (RepVGG's 1x1 and identity sit at the centre of
+    the 3x3), they are summed over that box first and the box is added to the block in one step.
     """
 
     def __init__(self, out: np.ndarray, main: Part | None, rest: list[tuple[Part, tuple]], groups: int) -> None:
         self.out, self.main, self.rest, self.groups = out, main, rest, groups
-        self.box: tuple[slice, ...] = ()
-        self.box_sum: np.ndarray | None = None
+        self.box: tuple[slice, ...] | None = None
         if main is not None and rest:
             box = tuple(slice(min(w[d].start for _, w in rest), max(w[d].stop for _, w in rest))
                         for d in range(2, out.ndim))
             if math.prod(b.stop - b.start for b in box) < math.prod(out.shape[2:]):
-                self.box = (slice(None), slice(None), *box)
-                self.box_sum = np.zeros(out.shape[:2] + tuple(b.stop - b.start for b in box))
-                for p, where in rest:
-                    shifted = (*where[:2], *(slice(w.start - b.start, w.stop - b.start, w.step)
-                                             for w, b in zip(where[2:], box)))
-                    _add_rows(self.box_sum, p, shifted, groups, 0, out.shape[0])
-
-    def run(self, threads: int = 1) -> bool:
-        """Compute every block; True if every value is finite."""
-        n = self.out.shape[0]
-        if threads <= 1 or self.out.size < _THREADED or n < 2:
-            return self.rows(0, n)
-        cuts = [n * k // threads for k in range(threads + 1)]
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="reparam-kernel") as pool:
-            return all(list(pool.map(self.rows, cuts[:-1], cuts[1:])))
+                self.box = box
+                self.rest = [(p, (*where[:2], *(slice(w.start - b.start, w.stop - b.start, w.step)
+                                                for w, b in zip(where[2:], box)))) for p, where in rest]
 
     def rows(self, r0: int, r1: int) -> bool:
         """Compute output channels ``r0:r1``; True if they are all finite."""
@@ -155,6 +140,12 @@ class _Blocks:
         per = math.prod(out.shape[1:])
         step = max(1, min(r1 - r0, max(8, _BLOCK // max(per, 1))))
         buf = np.empty((step,) + out.shape[1:])
+        if self.box is not None:
+            sizes = tuple(b.stop - b.start for b in self.box)
+            box_buf = np.empty((step,) + out.shape[1:2] + sizes)
+            # one-tap box dims are indexed rather than sliced: the addition then runs along long rows
+            at = (slice(None), slice(None), *(b.start if k == 1 else b for b, k in zip(self.box, sizes)))
+            box_view = (slice(None), slice(None), *(0 if k == 1 else slice(None) for k in sizes))
         finite = True
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported as a refusal instead
             for i in range(r0, r1, step):
@@ -166,11 +157,14 @@ class _Blocks:
                     np.copyto(b, main.conv.weight[i:j])
                     if main.scale is not None:
                         b *= main.scale[i:j].reshape((-1,) + (1,) * (b.ndim - 1))
-                if self.box_sum is not None:
-                    b[self.box] += self.box_sum[i:j]
-                else:
-                    for p, where in self.rest:
-                        _add_rows(b, p, where, self.groups, i, j)
+                target = b
+                if self.box is not None:
+                    target = box_buf[: j - i]
+                    target.fill(0.0)
+                for p, where in self.rest:
+                    _add_rows(target, p, where, self.groups, i, j)
+                if self.box is not None:
+                    b[at] += target[box_view]
                 o = out[i:j]
                 np.copyto(o, b, casting="unsafe")
                 if o.size and not (np.isfinite(o.max()) and np.isfinite(o.min())):  # NaN propagates through both
