@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from .. import core
@@ -22,6 +24,7 @@ from ..torch_ops import (
     to_tensor,
 )
 from .report import FuseReport, RegionReport
+from .translate import _bn_function
 from .workspace import Workspace
 
 
@@ -229,8 +232,21 @@ def drop_identities(gm: Workspace, report: FuseReport, prefix: str = "") -> int:
 _DROPOUT_NAMES = {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout"}
 
 
+def _bn_reading(node: fx.Node, gm: Workspace) -> tuple[fx.Node, str, Callable[[], core.BatchNorm]] | None:
+    """``node``'s only user if it is a batch norm of ``node`` alone: a BN module, or ``F.batch_norm`` (also
+    what a traced "BatchNormAct" layer calls); with its label and how to read it (which may refuse)."""
+    (user,) = node.users
+    if user.op == "call_module" and user.args == (node,) and not user.kwargs:
+        bn = gm.get_submodule(user.target)
+        if isinstance(bn, _BNS):
+            return user, type(bn).__name__, lambda: bn_from_module(bn)
+    if user.op == "call_function" and user.target is F.batch_norm and user.args and user.args[0] is node:
+        return user, "batch_norm", lambda: _bn_function(user, gm)[0]
+    return None
+
+
 def fold_conv_transpose_bn(gm: Workspace, report: FuseReport, rw: Rewrite, prefix: str = "") -> int:
-    """ConvTranspose followed by its only user, an eval-mode BN module: one transposed conv."""
+    """ConvTranspose followed by its only user, an eval-mode batch norm: one transposed conv."""
     done = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or len(node.users) != 1:
@@ -238,15 +254,13 @@ def fold_conv_transpose_bn(gm: Workspace, report: FuseReport, rw: Rewrite, prefi
         ct = gm.get_submodule(node.target)
         if not isinstance(ct, _CONV_TRANSPOSES) or not plain_forward(ct) or ct._forward_hooks:
             continue
-        (bn_node,) = node.users
-        if bn_node.op != "call_module" or bn_node.args != (node,) or bn_node.kwargs:
+        found = _bn_reading(node, gm)
+        if found is None:
             continue
-        bn = gm.get_submodule(bn_node.target)
-        if not isinstance(bn, _BNS):
-            continue
+        bn_node, bn_label, read_bn = found
         try:
             folded = core.fold_bn_transpose(
-                core.ConvTranspose(to_numpy(ct.weight), to_numpy(ct.bias), groups=ct.groups), bn_from_module(bn))
+                core.ConvTranspose(to_numpy(ct.weight), to_numpy(ct.bias), groups=ct.groups), read_bn())
             new = type(ct)(ct.in_channels, ct.out_channels, ct.kernel_size, ct.stride, ct.padding,
                            ct.output_padding, ct.groups, True, ct.dilation, ct.padding_mode, device="meta")
             new.weight = nn.Parameter(to_tensor(folded.weight, ct.weight))
@@ -262,6 +276,6 @@ def fold_conv_transpose_bn(gm: Workspace, report: FuseReport, rw: Rewrite, prefi
         bn_node.replace_all_uses_with(out)
         gm.graph.erase_node(bn_node)
         gm.graph.erase_node(node)
-        report.regions.append(RegionReport(prefix + bn_node.name, [type(ct).__name__, type(bn).__name__], 1, 1))
+        report.regions.append(RegionReport(prefix + bn_node.name, [type(ct).__name__, bn_label], 1, 1))
         done += 1
     return done

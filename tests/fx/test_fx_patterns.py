@@ -152,19 +152,21 @@ class Chain(nn.Module):
 
 
 class FunctionalBN(nn.Module):
-    """F.conv2d and F.batch_norm on the module's own parameters and buffers."""
+    """F.conv2d (or a ConvTranspose2d module) and F.batch_norm on the module's own parameters and buffers."""
 
-    def __init__(self, c: int = C) -> None:
+    def __init__(self, c: int = C, transpose: bool = False, batch_stats: bool = False) -> None:
         super().__init__()
+        self.batch_stats = batch_stats
         self.weight = nn.Parameter(torch.randn(c, c, 3, 3) * 0.3)
+        self.up = nn.ConvTranspose2d(c, c, 2, 2) if transpose else None
         self.register_buffer("mean", torch.randn(c))
         self.register_buffer("var", torch.rand(c) + 0.5)
         self.gamma = nn.Parameter(torch.randn(c))
         self.beta = nn.Parameter(torch.randn(c))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.conv2d(x, self.weight, None, 1, 1)
-        return F.batch_norm(y, self.mean, self.var, self.gamma, self.beta, False, 0.1, 1e-3)
+        y = self.up(x) if self.up is not None else F.conv2d(x, self.weight, None, 1, 1)
+        return F.batch_norm(y, self.mean, self.var, self.gamma, self.beta, self.batch_stats, 0.0, 1e-3)
 
 
 class ActInBranch(nn.Module):
@@ -320,6 +322,11 @@ CASES: dict[str, Case] = {
                                 (2, C, 5, 5), counts(1)),
     "conv_transpose3d+bn": Case(lambda: nn.Sequential(nn.ConvTranspose3d(C, 2, 2, 2, bias=False),
                                                       nn.BatchNorm3d(2)), (2, C, 3, 3, 3), counts(1)),
+    "conv_transpose2d+bn_act": Case(lambda: nn.Sequential(nn.ConvTranspose2d(C, 6, 2, 2), BNAct(6)),
+                                    (2, C, 4, 4), counts(1)),
+    "conv_transpose2d+functional_bn": Case(lambda: FunctionalBN(transpose=True), (2, C, 4, 4), counts(1)),
+    "conv_transpose2d+batch_stats_bn": Case(lambda: FunctionalBN(transpose=True, batch_stats=True), (2, C, 4, 4),
+                                            counts(1, batch_norm=1), refused="training=True"),
     "linear+bn1d": Case(LinearBN, (5, 6), counts(linear=2)),
     "bn_subclass_plain": Case(lambda: nn.Sequential(nn.Conv2d(C, C, 3, padding=1), PlainBNSub(C)),
                               (2, C, 6, 6), counts(1)),
