@@ -135,6 +135,12 @@ def _per_channel(c: np.ndarray, ndim: int | None) -> np.ndarray | None:
     return None
 
 
+def _shaped_per_channel(c: np.ndarray) -> bool:
+    """``[C, 1, ...]`` or ``[1, C, 1, ...]``: per-channel for a value of the matching rank."""
+    shape = c.shape[1:] if c.ndim >= 3 and c.shape[0] == 1 else c.shape
+    return len(shape) >= 2 and all(s == 1 for s in shape[1:])
+
+
 def _param(arg: Any, gm: Workspace, what: str) -> np.ndarray | None:
     if arg is None:
         return None
@@ -196,8 +202,12 @@ def _binary(node, gm, a, b, kind: str, info):
     if a_t == b_t:
         return None, None
     x, c = (a, cb) if a_t else (b, ca)
-    pc = _per_channel(c, info.get(x.name, (None, None))[1] if isinstance(x, fx.Node) else None)
+    ndim = info.get(x.name, (None, None))[1] if isinstance(x, fx.Node) else None
+    pc = _per_channel(c, ndim)
     if pc is None:
+        if ndim is None and _shaped_per_channel(c):
+            raise NotFusable(f"whether a constant of shape {list(c.shape)} is per-channel depends on the rank of "
+                             f"{x.name}, unknown here (give example_inputs)")
         return None, None
     if kind == "add":
         return core.Affine(shift=pc), [x]

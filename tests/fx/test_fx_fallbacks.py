@@ -298,3 +298,27 @@ def test_report_lists_each_refusal_once() -> None:
     model = nn.Sequential(nn.Conv2d(C, C, 3, padding=1), nn.AvgPool2d(3, 1, 1, count_include_pad=False))
     _, rep = fuse_checked(model, _x())
     assert len(rep.refused) == len(set(rep.refused)), rep
+
+
+class ScaledInput(nn.Module):
+    """A learned per-channel scale on the input, then conv+BN: its rank is known only from example inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.rand(1, C, 1, 1) + 0.5)
+        self.body = conv_bn(C, C, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x * self.scale)
+
+
+def test_per_channel_constant_of_unknown_rank_says_why() -> None:
+    torch.manual_seed(0)
+    model = ScaledInput()
+    x = _x()
+    fused, rep = fuse_checked(model, x, example=False)
+    assert "give example_inputs" in refusals(rep), rep
+    assert [r.ops[0] for r in rep.regions] == ["Conv2d(body.0)"]
+    fused, rep = fuse_checked(model, x)  # with shapes the scale folds into the conv's input channels
+    assert not rep.refused and rep.regions[0].ops[0] == "mul", rep
+    assert ops(fused, x) == {"conv": 1, "batch_norm": 0, "linear": 0}
