@@ -110,7 +110,7 @@ class KernelSum:
         return self.geometry.with_(weight=w, bias=b)
 
 
-_BLOCK = 131072  # float64 elements per block (1 MiB): the working set stays in a core's L2 cache
+_BLOCK = 262144  # float64 elements per block (2 MiB): few numpy calls per kernel, the block stays in cache
 
 
 class _Blocks:
