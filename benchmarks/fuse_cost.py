@@ -2,7 +2,7 @@
 
 torch: ``reparam.fuse(model)`` side by side with ``copy.deepcopy(model)`` of the same model (``fuse`` returns a
 new model, so a deep copy is the floor of what it has to do), with torch on one thread and on every core
-(``fuse`` computes its kernels on one thread either way; ``deepcopy``'s tensor copies may use more).  The garbage
+(``fuse`` splits kernels of 4M+ elements among torch's threads; ``deepcopy``'s tensor copies use them too).  The garbage
 collector runs, untimed, before every call so both start from the same heap.  ONNX: the graph pass as the CLI
 runs it (``reparam.onnx.fuse(path)``, which loads the file, then ``onnx.save`` of the result) side by side with
 a plain ``onnx.load`` + ``onnx.save`` round trip of the same file.  Each pair is timed alternately

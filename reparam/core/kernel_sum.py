@@ -12,6 +12,7 @@ they may be views of the caller's tensors.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,7 +72,7 @@ class KernelSum:
         """
         return self._evaluate(dtype, out)[0]
 
-    def _evaluate(self, dtype, out: np.ndarray | None) -> tuple[np.ndarray, bool]:
+    def _evaluate(self, dtype, out: np.ndarray | None, threads: int = 1) -> tuple[np.ndarray, bool]:
         """The kernel and whether every value of it is finite (checked block by block, while in cache)."""
         g = self.geometry
         shape = g.weight.shape
@@ -87,22 +88,23 @@ class KernelSum:
         main = next((k for k, (p, where) in enumerate(placed)
                      if where == full and p.conv.groups == g.groups), None)
         rest = placed if main is None else placed[:main] + placed[main + 1:]
-        blocks = _Blocks(target, None if main is None else placed[main][0], rest, g.groups)
-        finite = blocks.rows(0, shape[0])
+        finite = _Blocks(target, None if main is None else placed[main][0], rest, g.groups).run(threads)
         if target is not out and out is not None:
             out[...] = target
             target = out
         return target, finite
 
     def to_conv(self, dtype=np.float64, bias: np.ndarray | None = None, what: str = "fused weight",
-                out: np.ndarray | None = None) -> Conv:
+                out: np.ndarray | None = None, threads: int = 1) -> Conv:
         """The kernel (and ``bias``) as a :class:`Conv` of ``dtype`` (kernel written into ``out`` if given);
-        a non-finite result is refused."""
+        a non-finite result is refused.  ``threads``: split a large kernel's output channels among that
+        many threads (numpy releases the GIL while it computes, and first writes to fresh memory, page
+        faults, are handled in parallel too)."""
         if np.dtype(dtype) not in _NATIVE:  # bfloat16 and friends: round once from float64
             w = cast_array(self.evaluate(), dtype, what)
             b = None if bias is None else cast_array(f64(bias), dtype, "fused bias")
             return self.geometry.with_(weight=w, bias=b)
-        w, finite = self._evaluate(dtype, out)
+        w, finite = self._evaluate(dtype, out, threads)
         if not finite:
             cast_array(self.evaluate(), dtype, what)  # raises with the reason (overflow or non-finite input)
             raise NotFusable(f"{what} has non-finite values after folding")
@@ -111,6 +113,7 @@ class KernelSum:
 
 
 _BLOCK = 262144  # float64 elements per block (2 MiB): few numpy calls per kernel, the block stays in cache
+_THREADED = 1 << 22  # kernels of 4M+ elements are split among threads when asked to (smaller: no gain measured)
 
 
 class _Blocks:
@@ -133,6 +136,15 @@ class _Blocks:
                 self.box = box
                 self.rest = [(p, (*where[:2], *(slice(w.start - b.start, w.stop - b.start, w.step)
                                                 for w, b in zip(where[2:], box)))) for p, where in rest]
+
+    def run(self, threads: int = 1) -> bool:
+        """Compute every block, on up to ``threads`` threads for a large kernel; True if all values are finite."""
+        n = self.out.shape[0]
+        if threads <= 1 or self.out.size < _THREADED or n < 2:
+            return self.rows(0, n)
+        cuts = [n * k // threads for k in range(threads + 1)]
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="reparam-kernel") as pool:
+            return all(list(pool.map(self.rows, cuts[:-1], cuts[1:])))
 
     def rows(self, r0: int, r1: int) -> bool:
         """Compute output channels ``r0:r1``; True if they are all finite."""

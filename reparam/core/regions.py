@@ -64,10 +64,11 @@ class Term:
             self._conv64 = self.kernel.geometry.with_(weight=self.kernel.evaluate(), bias=self.bias)
         return self._conv64
 
-    def cast(self, dtype, out: np.ndarray | None = None) -> Conv:
+    def cast(self, dtype, out: np.ndarray | None = None, threads: int = 1) -> Conv:
         """The term's conv in ``dtype``; NotFusable if a value is not finite there.
 
-        ``out``: where to write the kernel (shape of :attr:`shape`, ``dtype``), e.g. a fresh tensor's memory.
+        ``out``: where to write the kernel (shape of :attr:`shape`, ``dtype``), e.g. a fresh tensor's memory;
+        ``threads``: how many threads may compute a large kernel.
         """
         if self._conv64 is not None:
             conv = cast_conv(self._conv64, dtype)
@@ -75,7 +76,7 @@ class Term:
                 out[...] = conv.weight
                 conv = conv.with_(weight=out)
             return conv
-        return self.kernel.to_conv(dtype, self.bias, out=out)
+        return self.kernel.to_conv(dtype, self.bias, out=out, threads=threads)
 
     @property
     def shape(self) -> tuple[int, ...]:

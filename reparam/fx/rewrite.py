@@ -125,6 +125,7 @@ def apply_plan(gm: Workspace, plan: core.Plan, lg: core.LinearGraph, report: Fus
     graph = gm.graph
     readers = _readers_by_path(graph)
     replaced: dict[str, fx.Node] = {}
+    threads = torch.get_num_threads()
     done = 0
     for region in plan.regions:
         if not region.worthwhile:
@@ -135,8 +136,8 @@ def apply_plan(gm: Workspace, plan: core.Plan, lg: core.LinearGraph, report: Fus
         try:
             _check_no_mutation(region, lg, exit_node, gm, replaced)
             dtype, device = _params_and_place(nodes, gm)
-            modules = [(t, None if t.identity else to_module(_cast(t, dtype, device), dtype=dtype, device=device,
-                                                             checked=True))
+            modules = [(t, None if t.identity else to_module(_cast(t, dtype, device, threads), dtype=dtype,
+                                                             device=device, checked=True))
                        for t in region.terms]
         except NotFusable as err:
             report.refused.append((where, str(err)))
@@ -167,17 +168,17 @@ def apply_plan(gm: Workspace, plan: core.Plan, lg: core.LinearGraph, report: Fus
     return done
 
 
-def _cast(term: core.Term, dtype: torch.dtype, device: torch.device) -> core.Conv:
+def _cast(term: core.Term, dtype: torch.dtype, device: torch.device, threads: int) -> core.Conv:
     """The term's conv in ``dtype`` when numpy has it, else in float64.
 
-    On the CPU the kernel is computed straight into a new tensor: torch's allocator hands out large blocks
-    faster than numpy's (fewer page faults), which matters for models of hundreds of megabytes.
+    On the CPU the kernel is computed straight into a new tensor (torch's allocator hands out large blocks
+    faster than numpy's, with fewer page faults), a large one on as many threads as torch uses.
     """
     np_dtype = numpy_dtype(dtype)
     if np_dtype is None:
         return term.conv
     out = torch.empty(term.shape, dtype=dtype).numpy() if torch.device(device).type == "cpu" else None
-    return term.cast(np_dtype, out=out)
+    return term.cast(np_dtype, out=out, threads=threads)
 
 
 def _check_no_mutation(region: core.Region, lg: core.LinearGraph, exit_node: fx.Node, gm,

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from test_sum_compose import _sizes, aligned_branches
 
-from reparam.core import Affine, Conv, NotFusable
+from reparam.core import Affine, Conv, NotFusable, kernel_sum
 from reparam.core.kernel_sum import KernelSum, sum_kernels
 from reparam.testing import strategies as rs
 
@@ -103,3 +103,15 @@ def test_non_finite_results_are_refused_with_the_reason(case, pattern):
     with np.errstate(over="ignore"), pytest.raises(NotFusable, match=pattern):
         k.to_conv(np.float16)
 
+
+
+@FAST
+@given(data=st.data(), threads=st.integers(2, 3))
+def test_threads_compute_the_same_kernel(data, threads):
+    convs = data.draw(aligned_branches(np.float32), label="convs")
+    kernel, _ = _deferred(data, convs)
+    one = kernel.to_conv(np.float32)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernel_sum, "_THREADED", 1)  # split even these small kernels
+        many = kernel.to_conv(np.float32, threads=threads)
+    np.testing.assert_array_equal(many.weight, one.weight)

@@ -1,5 +1,6 @@
 """How ``reparam.fuse`` builds the fused layers: kernels written straight into new tensors in the model's
-dtype, the same whatever torch's thread count, modules built without their random initialisation."""
+dtype (a large one split among torch's threads, with the same result), modules built without their random
+initialisation."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from fx_helpers import ACNet, C, RepVGG, conv_bn, ops, refusals, x_of
 from torch import nn
 
 import reparam
+from reparam.core import kernel_sum
 from reparam.testing import assert_equivalent, randomize_bn_
 from reparam.torch_ops import blank_module
 
@@ -24,6 +26,12 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture
+def split_every_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Split kernels of any size among threads (normally only large ones are)."""
+    monkeypatch.setattr(kernel_sum, "_THREADED", 1)
 
 
 def _model(dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -43,6 +51,7 @@ def _overflowing_half_model() -> nn.Module:
     return model
 
 
+@pytest.mark.usefixtures("split_every_kernel")
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_same_fused_model_on_any_number_of_threads(threads: int) -> None:
     model = _model()
@@ -59,6 +68,7 @@ def test_same_fused_model_on_any_number_of_threads(threads: int) -> None:
     assert ops(many, x) == {"conv": 5, "batch_norm": 0, "linear": 0}
 
 
+@pytest.mark.usefixtures("split_every_kernel")
 @pytest.mark.parametrize("threads", [1, 2])
 def test_a_kernel_that_overflows_its_dtype_is_refused_alone(threads: int) -> None:
     model = _overflowing_half_model()
@@ -69,6 +79,22 @@ def test_a_kernel_that_overflows_its_dtype_is_refused_alone(threads: int) -> Non
     assert ops(fused, x) == {"conv": 4 + 2, "batch_norm": 3, "linear": 0}, rep  # block 2 kept as it was
     with torch.no_grad():  # the model itself overflows in that block: the same values come out, infinities too
         torch.testing.assert_close(fused(x), model(x), rtol=2e-2, atol=2e-2, equal_nan=True)
+
+
+def test_a_large_block_on_two_threads() -> None:
+    """A 704-channel RepVGG block: its 4.5M-element kernel is split between two threads at the default size."""
+    torch.manual_seed(0)
+    model = RepVGG(704).eval()
+    randomize_bn_(model, 0)
+    assert model.dense[0].weight.numel() >= kernel_sum._THREADED
+    x = x_of(1, 704, 3, 3)
+    with torch_threads(1):
+        one = reparam.fuse(model)
+    with torch_threads(2):
+        two = reparam.fuse(model)
+    for (name, a), (_, b) in zip(one.state_dict().items(), two.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert_equivalent(model, two, x, rtol=1e-5)
 
 
 def test_fused_parameters_are_new_contiguous_tensors() -> None:
