@@ -153,11 +153,8 @@ class _Blocks:
         step = max(1, min(r1 - r0, max(8, _BLOCK // max(per, 1))))
         buf = np.empty((step,) + out.shape[1:])
         if self.box is not None:
-            sizes = tuple(b.stop - b.start for b in self.box)
-            box_buf = np.empty((step,) + out.shape[1:2] + sizes)
-            # one-tap box dims are indexed rather than sliced: the addition then runs along long rows
-            at = (slice(None), slice(None), *(b.start if k == 1 else b for b, k in zip(self.box, sizes)))
-            box_view = (slice(None), slice(None), *(0 if k == 1 else slice(None) for k in sizes))
+            box_buf = np.empty((step,) + out.shape[1:2] + tuple(b.stop - b.start for b in self.box))
+            at = (slice(None), slice(None), *self.box)
         finite = True
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported as a refusal instead
             for i in range(r0, r1, step):
@@ -176,7 +173,7 @@ class _Blocks:
                 for p, where in self.rest:
                     _add_rows(target, p, where, self.groups, i, j)
                 if self.box is not None:
-                    b[at] += target[box_view]
+                    b[at] += target
                 o = out[i:j]
                 np.copyto(o, b, casting="unsafe")
                 if o.size and not (np.isfinite(o.max()) and np.isfinite(o.min())):  # NaN propagates through both
