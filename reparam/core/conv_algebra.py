@@ -198,15 +198,20 @@ def sum_convs(convs: list[Conv]) -> Conv:
     return geo.with_(weight=weight, bias=bias if any_bias else None)
 
 
-def _add_regrouped(out: np.ndarray, weight: np.ndarray, conv_groups: int, groups: int, where: tuple) -> None:
-    """``out[where] += `` the block-diagonal expansion of a kernel with ``conv_groups`` groups to ``groups``."""
-    g, in_g = conv_groups, weight.shape[1]
-    per, out_g = g // groups, weight.shape[0] // g
-    for src in range(g):
-        local = src % per
-        rows = slice(src * out_g, (src + 1) * out_g)
-        cols = slice(local * in_g, (local + 1) * in_g)
-        out[(rows, cols, *where[2:])] += weight[rows]
+def _add_regrouped(out: np.ndarray, weight: np.ndarray, conv_groups: int, groups: int, where: tuple,
+                   rows: tuple[int, int, int] | None = None) -> None:
+    """``out[where] += `` the block-diagonal expansion of a kernel with ``conv_groups`` groups to ``groups``.
+
+    ``rows``: ``(first, last, out_channels)`` when ``weight`` holds only output channels ``first:last`` of a
+    kernel with ``out_channels`` (``out`` then holds those rows too); default: the whole kernel.
+    """
+    first, last, n_out = rows or (0, weight.shape[0], weight.shape[0])
+    in_g, per, out_g = weight.shape[1], conv_groups // groups, n_out // conv_groups
+    # output channel r reads its group's inputs (group r // out_g); with fewer groups those inputs sit at
+    # columns local * in_g + [0, in_g), local being the group's index inside the merged group
+    r = np.arange(first, last)
+    cols = ((r // out_g) % per)[:, None] * in_g + np.arange(in_g)[None, :]
+    out[((r - first)[:, None], cols, *where[2:])] += weight
 
 
 def compose(a: Conv, b: Conv, *, weights: bool = True) -> Conv:

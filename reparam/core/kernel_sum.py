@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .conv_algebra import _window_slices, sum_geometry, zeros_placeholder
+from .conv_algebra import _add_regrouped, _window_slices, sum_geometry, zeros_placeholder
 from .errors import NotFusable
 from .precision import cast_array, f64
 from .types import Conv
@@ -188,13 +188,8 @@ def _add_rows(block: np.ndarray, p: Part, where: tuple, groups: int, r0: int, r1
         w = w * p.scale[r0:r1].reshape((-1,) + (1,) * (w.ndim - 1))
     if p.conv.groups == groups:
         block[(slice(None), *where[1:])] += w
-        return
-    # output channel r of p reads p's input group (r // out_g); in the merged kernel with fewer groups
-    # that group's inputs sit at columns local * in_g + [0, in_g), local being its index inside the group
-    in_g, out_g, per = w.shape[1], p.conv.out_channels // p.conv.groups, p.conv.groups // groups
-    rows = np.arange(r0, r1)
-    cols = ((rows // out_g) % per)[:, None] * in_g + np.arange(in_g)[None, :]
-    block[((rows - r0)[:, None], cols, *where[2:])] += w
+    else:
+        _add_regrouped(block, w, p.conv.groups, groups, where, (r0, r1, p.conv.out_channels))
 
 
 def sum_kernels(kernels: list[KernelSum]) -> KernelSum:
