@@ -35,7 +35,8 @@ def to_numpy(t: torch.Tensor | None) -> np.ndarray | None:
     return t.detach().to(device="cpu", dtype=torch.float64).numpy()
 
 
-_VIEWABLE = (torch.float16, torch.float32, torch.float64)
+_NUMPY_DTYPES = {torch.float16: np.dtype(np.float16), torch.float32: np.dtype(np.float32),
+                 torch.float64: np.dtype(np.float64)}
 
 
 def read_only(t: torch.Tensor | None) -> np.ndarray | None:
@@ -44,7 +45,7 @@ def read_only(t: torch.Tensor | None) -> np.ndarray | None:
     if t is None:
         return None
     t = t.detach()
-    if t.device.type != "cpu" or t.dtype not in _VIEWABLE or t.is_conj() or t.is_neg():
+    if t.device.type != "cpu" or t.dtype not in _NUMPY_DTYPES or t.is_conj() or t.is_neg():
         return to_numpy(t)
     a = t.numpy()
     a.flags.writeable = False
@@ -53,8 +54,7 @@ def read_only(t: torch.Tensor | None) -> np.ndarray | None:
 
 def numpy_dtype(dtype: torch.dtype) -> np.dtype | None:
     """The numpy dtype of a float16/32/64 torch dtype; None for those numpy lacks (bfloat16)."""
-    return {torch.float16: np.dtype(np.float16), torch.float32: np.dtype(np.float32),
-            torch.float64: np.dtype(np.float64)}.get(dtype)
+    return _NUMPY_DTYPES.get(dtype)
 
 
 def to_tensor(a: np.ndarray, like: torch.Tensor | None = None, *, dtype=None, device=None,
@@ -65,13 +65,13 @@ def to_tensor(a: np.ndarray, like: torch.Tensor | None = None, *, dtype=None, de
     """
     dtype = dtype or (like.dtype if like is not None else torch.float32)
     device = device or (like.device if like is not None else "cpu")
-    if a.size and not (checked and a.dtype == numpy_dtype(dtype)):
+    target = numpy_dtype(dtype)
+    if a.size and not (checked and a.dtype == target):
         peak = max(abs(float(a.max())), abs(float(a.min())))  # no temporary; NaN propagates
         if not np.isfinite(peak):
             raise NotFusable(f"{what} has non-finite values after folding")
         if dtype.is_floating_point and peak > torch.finfo(dtype).max:
             raise NotFusable(f"{what} overflows {dtype} (max |value| {peak:.3g} > {torch.finfo(dtype).max:.3g})")
-    target = numpy_dtype(dtype)
     if target is not None and a.dtype != target:  # numpy's cast is several times faster than torch's here
         a = a.astype(target)
     return torch.from_numpy(np.ascontiguousarray(a)).to(dtype=dtype, device=device)

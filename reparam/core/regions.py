@@ -46,7 +46,7 @@ class Term:
     target dtype (each element rounded once from its float64 value, without a float64 copy of the kernel).
     """
 
-    def __init__(self, source: str, kernel: KernelSum | Conv, bias: np.ndarray | None = None,
+    def __init__(self, source: str, kernel: KernelSum | Conv, *, bias: np.ndarray | None = None,
                  identity: bool = False) -> None:
         if isinstance(kernel, Conv):
             bias = kernel.bias if bias is None else bias
@@ -260,12 +260,7 @@ class _Planner:
         if b.in_channels != v.channels or b.ndim != v.ndim:
             raise NotFusable(f"a conv expecting {b.in_channels} channels/{b.ndim}-d reads a value with "
                              f"{v.channels} channels/{v.ndim}-d")
-        own = self.memo.get(("conv", key))  # b's kernel read from a source, as is
-        if own is None or key is None:
-            plain = b._evolve(bias=None)
-            if not plain.is_padded and plain.padding_mode != "zeros":
-                plain = plain._evolve(padding_mode="zeros")  # the mode of a conv that never pads is moot
-            own = self.memo[("conv", key)] = KernelSum.of(plain)
+        own = self._own_kernel(b, key)
         geo = own.geometry
         before = _value_cost(v) * float(math.prod(b.stride)) + macs_per_output(b)
         priced = {s: geo if t.is_unit else compose(t.geometry, geo, weights=False) for s, t in v.terms.items()}
@@ -294,6 +289,18 @@ class _Planner:
         out = _Value(terms, bias, b.out_channels, b.ndim, v.priced or only_priced)
         self.op_cost[self.current] = (float(macs_per_output(b)), float(math.prod(b.stride)))
         return out
+
+    def _own_kernel(self, b: Conv, key: str | None) -> KernelSum:
+        """``b``'s kernel as a source reads it (bias-free), kept across passes for a graph node's op."""
+        own = self.memo.get(("conv", key)) if key is not None else None
+        if own is None:
+            plain = b._evolve(bias=None)
+            if not plain.is_padded and plain.padding_mode != "zeros":
+                plain = plain._evolve(padding_mode="zeros")  # the mode of a conv that never pads is moot
+            own = KernelSum.of(plain)
+            if key is not None:
+                self.memo[("conv", key)] = own
+        return own
 
     def _add(self, ins: list[_Value]) -> _Value:
         chans = {v.channels for v in ins}
@@ -384,10 +391,10 @@ class _Planner:
 
 def _is_identity(term: Term) -> bool:
     """The term computes ``y = x`` exactly (its kernel is evaluated only when the geometry allows it)."""
-    conv = term.kernel.geometry
-    c = conv.out_channels
     if term.kernel.is_unit:
         return True
+    conv = term.kernel.geometry
+    c = conv.out_channels
     return (conv.in_channels == c and conv.is_pointwise and not conv.is_padded
             and all(s == 1 for s in conv.stride)
             and (term.bias is None or not np.any(term.bias))
@@ -409,7 +416,7 @@ def _terms(v: _Value, order: dict[str, int]) -> list[Term]:
     if v.bias is not None:  # even a zero bias is kept on a conv (a folded BN gives its conv a bias)
         k = next((i for i, t in enumerate(terms) if not t.identity), 0 if np.any(v.bias != 0) else None)
         if k is not None:
-            terms[k] = Term(terms[k].source, terms[k].kernel, v.bias, False)
+            terms[k] = Term(terms[k].source, terms[k].kernel, bias=v.bias)
     return terms
 
 
