@@ -41,10 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     import reparam
     import reparam.onnx as ronnx
     import reparam_zoo
-    from reparam.measure import environment, interleaved_medians, interleaved_times, paired_ratio
+    from reparam.measure import environment, interleaved_medians, interleaved_times, paired_ratio, torch_threads
 
     models = args.models.split(",") if args.models else (QUICK_MODELS if args.quick else FULL_MODELS)
     cores = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ONNX pass and everything untimed; the torch pair also runs on all cores
     tmp = Path(tempfile.mkdtemp(prefix="reparam-fuse-cost-"))
     rows = []
     try:
@@ -60,16 +61,15 @@ def main(argv: list[str] | None = None) -> int:
 
             torch_rows = {}
             for threads in dict.fromkeys((1, cores)):
-                torch.set_num_threads(threads)
                 C.log(f"{key}: {params:,} params, torch on {threads} thread(s) ({repeats} alternating runs, "
                       f"{warmup} warm-up)")
-                times = interleaved_times({"fuse": torch_fuse, "deepcopy": lambda m=model: copy.deepcopy(m)},
-                                          repeats=repeats, warmup=warmup, collect=True)
+                with torch_threads(threads):
+                    times = interleaved_times({"fuse": torch_fuse, "deepcopy": lambda m=model: copy.deepcopy(m)},
+                                              repeats=repeats, warmup=warmup, collect=True)
                 med = {k: statistics.median(v) for k, v in times.items()}
                 torch_rows[threads] = {"threads": threads, "fuse_s": med["fuse"], "deepcopy_s": med["deepcopy"],
                                        "ratio_fuse_over_deepcopy": med["fuse"] / med["deepcopy"],
                                        "paired_ratio_fuse_over_deepcopy": paired_ratio(times, "fuse", "deepcopy")}
-            torch.set_num_threads(1)
 
             C.log(f"{key}: exporting to ONNX")
             src = C.export_onnx(model, torch.randn(1, 3, 224, 224), tmp / f"{key}.onnx")

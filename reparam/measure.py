@@ -6,16 +6,17 @@ interleaved (A, B, A, B, ...) in one process so that machine noise hits them ali
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 __all__ = ["environment", "interleaved_medians", "interleaved_times", "ort_runner", "ort_session", "paired_ratio",
-           "torch_runner"]
+           "torch_runner", "torch_threads"]
 
 
 def interleaved_times(fns: Mapping[str, Callable[[], Any]], repeats: int = 20, warmup: int = 3,
@@ -51,18 +52,26 @@ def paired_ratio(times: Mapping[str, list[float]], num: str, den: str) -> float:
     return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run the block with torch on ``threads`` intra-op threads, restoring the previous count afterwards."""
+    import torch
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
 def torch_runner(model, inputs: tuple, threads: int = 1) -> Callable[[], Any]:
     """A no-grad call of ``model(*inputs)`` pinned to ``threads`` intra-op threads."""
     import torch
 
     def run():
-        prev = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            with torch.inference_mode():
-                return model(*inputs)
-        finally:
-            torch.set_num_threads(prev)
+        with torch_threads(threads), torch.inference_mode():
+            return model(*inputs)
 
     return run
 

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from reparam.core import BatchNorm, Conv, ConvTranspose, fold_bn_transpose, sum_branches
+from reparam.measure import torch_threads
 from reparam.testing import reference as ref
 from reparam.testing import strategies as rs
 
@@ -19,10 +20,8 @@ F = torch.nn.functional
 @pytest.fixture(autouse=True)
 def _single_thread():
     """Tiny CPU convs only lose from OpenMP threads on a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 def _bn_module(bn: BatchNorm, c: int, cls):

@@ -4,9 +4,6 @@ initialisation."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import pytest
 import torch
 from fx_helpers import ACNet, C, RepVGG, conv_bn, ops, refusals, x_of
@@ -14,18 +11,9 @@ from torch import nn
 
 import reparam
 from reparam.core import kernel_sum
+from reparam.measure import torch_threads
 from reparam.testing import assert_equivalent, randomize_bn_
 from reparam.torch_ops import blank_module
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture
