@@ -137,8 +137,7 @@ def _per_channel(c: np.ndarray, ndim: int | None) -> np.ndarray | None:
 
 def _shaped_per_channel(c: np.ndarray) -> bool:
     """``[C, 1, ...]`` or ``[1, C, 1, ...]``: per-channel for a value of the matching rank."""
-    shape = c.shape[1:] if c.ndim >= 3 and c.shape[0] == 1 else c.shape
-    return len(shape) >= 2 and all(s == 1 for s in shape[1:])
+    return any(_per_channel(c, nd) is not None for nd in (c.ndim - 1, c.ndim - 2) if nd >= 1)
 
 
 def _param(arg: Any, gm: Workspace, what: str) -> np.ndarray | None:

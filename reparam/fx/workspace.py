@@ -31,10 +31,11 @@ class Workspace:
         self._modules: dict[str, nn.Module] = {}  # root's submodules already looked up (each walk done once)
 
     def get_submodule(self, target: str) -> nn.Module:
-        m = self.added.get(target) or self._modules.get(target)
-        if m is None:
-            m = self._modules[target] = self.root.get_submodule(target)
-        return m
+        if target in self.added:
+            return self.added[target]
+        if target not in self._modules:
+            self._modules[target] = self.root.get_submodule(target)
+        return self._modules[target]
 
     def add_submodule(self, target: str, module: nn.Module | Any) -> None:
         """Record ``module`` (or a constant tensor) at ``target``, which may replace one of the model's
