@@ -25,6 +25,7 @@ from .rules import (
     avgpool_to_conv,
     compose,
     fold_bn,
+    fold_bn_input,
     fold_bn_transpose,
     identity_conv,
     pad_kernel,
@@ -38,6 +39,6 @@ __all__ = [
     "PADDING_MODES", "Add", "Affine", "AvgPool", "BatchNorm", "Conv", "ConvTranspose", "Identity",
     "KernelSum", "LinearGraph", "LinearOp", "Node", "NotFusable", "Pad", "Plan", "Refusal", "Region", "ReparamError",
     "Term", "affine_to_conv", "avgpool_to_conv", "chain", "collapse", "compose", "fold_bn",
-    "fold_bn_transpose", "identity_conv", "macs_per_output", "pad_kernel", "pad_to_conv", "plan",
+    "fold_bn_input", "fold_bn_transpose", "identity_conv", "macs_per_output", "pad_kernel", "pad_to_conv", "plan",
     "regroup", "sum_branches", "sum_convs",
 ]

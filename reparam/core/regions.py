@@ -89,15 +89,25 @@ class Term:
 
 @dataclass
 class Region:
-    """A collapsed region: ``nodes`` (topological order, ending with ``exit``) become the sum of ``terms``."""
+    """A collapsed region: ``nodes`` (topological order, ending with ``exit``) become the sum of ``terms``.
+
+    ``convs_before`` counts the real convs (and linear layers) among ``nodes``; ``blocked`` is the reason the
+    plan keeps the region as it is although its rewrite would remove ops (it would run more convs or MACs).
+    """
 
     exit: str
     nodes: list[str]
     terms: list[Term]
+    convs_before: int = 0
+    blocked: str | None = None
 
     @property
     def ops_before(self) -> int:
         return len(self.nodes)
+
+    @property
+    def convs_after(self) -> int:
+        return sum(not t.identity for t in self.terms)
 
     @property
     def ops_after(self) -> int:
@@ -106,7 +116,15 @@ class Region:
 
     @property
     def worthwhile(self) -> bool:
-        return self.ops_after < self.ops_before
+        return self.blocked is None and self.ops_after < self.ops_before
+
+    def why_kept(self) -> str | None:
+        """Why the rewrite leaves this region as it is (None when it is rewritten)."""
+        if self.blocked is not None:
+            return self.blocked
+        if self.ops_after >= self.ops_before:
+            return "collapsing it would not remove an op"
+        return None
 
 
 @dataclass
@@ -130,6 +148,7 @@ class _Value:
     channels: int
     ndim: int
     priced: bool = False  # some kernel is a cost-only placeholder (see compose(weights=False))
+    convs: int = 0  # real convs folded into the value (pads, pools and per-channel ops are not)
 
 
 class LinearGraph:
@@ -172,6 +191,15 @@ def macs_per_output(conv: Conv) -> int:
     return int(conv.weight.size)  # out * in/groups * taps
 
 
+def _scaled(v: _Value, c: float) -> _Value:
+    """``c * v`` (the coefficient of one input of a signed sum)."""
+    if c == 1.0:
+        return v
+    scale = np.full(v.channels, c)
+    terms = {s: t.scaled(scale) for s, t in v.terms.items()}
+    return _Value(terms, None if v.bias is None else v.bias * c, v.channels, v.ndim, v.priced, v.convs)
+
+
 def _value_cost(v: _Value) -> float:
     return float(sum(macs_per_output(t.geometry) for t in v.terms.values()))
 
@@ -179,8 +207,9 @@ def _value_cost(v: _Value) -> float:
 class _Planner:
     def __init__(self, graph: LinearGraph, guarded: set[str], split: set[str] = frozenset(),
                  forced: set[str] = frozenset(), exact: set[str] = frozenset(),
-                 memo: dict | None = None) -> None:
+                 memo: dict | None = None, strict: bool = True) -> None:
         self.g = graph
+        self.strict = strict  # refuse sums that would need a conv nothing in the model pays for
         self.memo = {} if memo is None else memo  # per-op results that do not depend on the pass (BN affines)
         self.exact = exact  # nodes whose costlier compositions are computed rather than only priced
         self.forced = forced  # nodes materialized whatever their readers
@@ -226,7 +255,7 @@ class _Planner:
     def _apply(self, node: Node, ins: list[_Value]) -> _Value:
         op = node.op
         if isinstance(op, Add):
-            return self._add(ins)
+            return self._add(ins, op)
         (v,) = ins
         if len(v.terms) > 1 and self.current in self.split and not isinstance(op, Identity):
             raise NotFusable(f"folding this op into a sum of {len(v.terms)} sources would repeat it for each "
@@ -242,9 +271,9 @@ class _Planner:
             op = affine
         if isinstance(op, Affine):
             scale, shift = op.scale_for(v.channels), op.shift_for(v.channels)
-            terms = {s: t.scaled(scale) for s, t in v.terms.items()}
+            terms = v.terms if op.scale is None else {s: t.scaled(scale) for s, t in v.terms.items()}
             bias = shift if v.bias is None else v.bias * scale + shift
-            return _Value(terms, bias, v.channels, v.ndim, v.priced)
+            return _Value(terms, bias, v.channels, v.ndim, v.priced, v.convs)
         if isinstance(op, Conv):
             return self._conv(v, op, node.name)
         if isinstance(op, AvgPool):
@@ -262,7 +291,8 @@ class _Planner:
                              f"{v.channels} channels/{v.ndim}-d")
         own = self._own_kernel(b, key)
         geo = own.geometry
-        before = _value_cost(v) * float(math.prod(b.stride)) + macs_per_output(b)
+        own_cost = macs_per_output(b) if key is not None else 0  # a pool or pad as a conv costs nothing itself
+        before = _value_cost(v) * float(math.prod(b.stride)) + own_cost
         priced = {s: geo if t.is_unit else compose(t.geometry, geo, weights=False) for s, t in v.terms.items()}
         costlier = sum(macs_per_output(t) for t in priced.values()) > before
         if costlier and self.current in self.guarded:
@@ -286,8 +316,8 @@ class _Planner:
             ksum = b.weight.sum(axis=tuple(range(2, b.weight.ndim)), dtype=np.float64)  # [out, in/g]
             pushed = np.einsum("goc,gc->go", ksum.reshape(g, -1, ksum.shape[1]), v.bias.reshape(g, -1))
             bias = pushed.reshape(-1) + (0 if bias is None else bias)
-        out = _Value(terms, bias, b.out_channels, b.ndim, v.priced or only_priced)
-        self.op_cost[self.current] = (float(macs_per_output(b)), float(math.prod(b.stride)))
+        out = _Value(terms, bias, b.out_channels, b.ndim, v.priced or only_priced, v.convs + (key is not None))
+        self.op_cost[self.current] = (float(own_cost), float(math.prod(b.stride)))
         return out
 
     def _own_kernel(self, b: Conv, key: str | None) -> KernelSum:
@@ -302,11 +332,14 @@ class _Planner:
                 self.memo[("conv", key)] = own
         return own
 
-    def _add(self, ins: list[_Value]) -> _Value:
+    def _add(self, ins: list[_Value], op: Add) -> _Value:
         chans = {v.channels for v in ins}
         nds = {v.ndim for v in ins}
         if len(chans) > 1 or len(nds) > 1:
             raise NotFusable(f"add of values with different channels/dims: {sorted(chans)}/{sorted(nds)}")
+        if self.strict:
+            self._check_paid_for(ins)
+        ins = [_scaled(v, op.coefficient(k)) for k, v in enumerate(ins)]
         grouped: dict[str, list[KernelSum]] = {}
         for v in ins:
             for s, t in v.terms.items():
@@ -320,7 +353,20 @@ class _Planner:
                                  f"instead of {before:.0f} (allow_costlier=True permits it)")
         biases = [v.bias for v in ins if v.bias is not None]
         bias = np.sum(biases, axis=0) if biases else None
-        return _Value(terms, bias, ins[0].channels, ins[0].ndim, any(v.priced for v in ins))
+        return _Value(terms, bias, ins[0].channels, ins[0].ndim, any(v.priced for v in ins), sum(v.convs for v in ins))
+
+    @staticmethod
+    def _check_paid_for(ins: list[_Value]) -> None:
+        """Refuse a sum in which a per-channel op, pad or pool of a source would become a conv of its own:
+        that source reaches the sum through no conv (``bn(x) + conv(y)``), so the rewrite would add one."""
+        for k, v in enumerate(ins):
+            if v.convs:
+                continue
+            others = {s for j, w in enumerate(ins) if j != k for s in w.terms}
+            alone = [s for s, t in v.terms.items() if s not in others and not t.is_unit]
+            if alone:
+                raise NotFusable(f"the value of {alone[0]!r} reaches this sum through no conv: summing it with "
+                                 "other sources would turn its per-channel op into a conv of its own")
 
     # -- the pass ------------------------------------------------------------------------------------
     def run(self) -> Plan:
@@ -385,7 +431,8 @@ class _Planner:
                         members.add(i)
                         stack.append(i)
             members = sorted(members, key=order.get)
-            regions.append(Region(e, members, _terms(self.values[e], order)))
+            convs = sum(isinstance(self.g.nodes[n].op, Conv) for n in members)
+            regions.append(Region(e, members, _terms(self.values[e], order), convs))
         return regions
 
 
@@ -451,7 +498,7 @@ def plan(graph: LinearGraph, *, allow_costlier: bool = False) -> Plan:
     exact: set[str] = set()
     memo: dict = {}
     while True:
-        planner = _Planner(graph, guarded, split, forced, exact, memo)
+        planner = _Planner(graph, guarded, split, forced, exact, memo, strict=not allow_costlier)
         result = planner.run()
         # a cut made after a value was inlined can leave that value inside two regions: materialize it
         seen: dict[str, int] = {}
@@ -462,9 +509,7 @@ def plan(graph: LinearGraph, *, allow_costlier: bool = False) -> Plan:
         if overlap - forced:
             forced |= overlap
             continue
-        costly = [] if allow_costlier else [
-            r for r in result.regions
-            if sum(macs_per_output(t.kernel.geometry) for t in r.terms if not t.identity) > _original_cost(planner, r)]
+        costly = [] if allow_costlier else [r for r in result.regions if _macs_after(r) > _original_cost(planner, r)]
         unworthy = [r for r in result.regions if not r.worthwhile and len(r.nodes) > 1]
         bad = costly + unworthy
         if bad:
@@ -481,8 +526,28 @@ def plan(graph: LinearGraph, *, allow_costlier: bool = False) -> Plan:
         # the plan stands; compositions in it that were only priced are now computed for real
         priced = {n for r in result.regions if planner.values[r.exit].priced for n in r.nodes} - exact
         if not priced:
+            if not allow_costlier:
+                for r in result.regions:
+                    r.blocked = _costlier(planner, r)
             return result
         exact |= priced
+
+
+def _macs_after(r: Region) -> float:
+    return float(sum(macs_per_output(t.kernel.geometry) for t in r.terms if not t.identity))
+
+
+def _costlier(p: _Planner, r: Region) -> str | None:
+    """Why collapsing ``r`` would make the model costlier (more convs or MACs than its own ops), or None."""
+    if r.convs_after > r.convs_before:
+        what = "no conv" if not r.convs_before else f"{r.convs_before} conv{'s' * (r.convs_before > 1)}"
+        return (f"collapsing it would run {r.convs_after} conv{'s' * (r.convs_after > 1)} where it has {what}: "
+                "there is no conv or linear layer next to its ops to fold them into")
+    after, before = _macs_after(r), _original_cost(p, r)
+    if after > before:
+        return (f"collapsing it would cost {after:.0f} MACs per output position instead of {before:.0f} "
+                "(allow_costlier=True permits it)")
+    return None
 
 
 def collapse(graph: LinearGraph, exit: str, *, allow_costlier: bool = True) -> list[Term]:

@@ -27,6 +27,19 @@ def fold_bn(conv: Conv, bn: BatchNorm | Affine) -> Conv:
     return cast_conv(_alg.fold_affine(conv64(conv), _affine_of(bn)), conv.dtype)
 
 
+def fold_bn_input(bn: BatchNorm | Affine, conv: Conv) -> Conv:
+    """``conv(bn(x))`` as one conv: the BN scales the conv's input channels and its shift moves into the bias.
+
+    Exact when ``conv`` does not pad (its zero border would not see the shift) or the shift is zero; refused
+    otherwise.  The result keeps ``conv``'s dtype.
+    """
+    c = conv64(conv)
+    if isinstance(bn, BatchNorm) and bn.channels != c.in_channels:
+        raise _alg.NotFusable(f"batch norm has {bn.channels} channels, the conv reads {c.in_channels}")
+    first = _alg.affine_conv(_affine_of(bn), c.in_channels, c.ndim)
+    return cast_conv(_alg.compose(first, c), conv.dtype)
+
+
 def fold_bn_transpose(conv: ConvTranspose, bn: BatchNorm | Affine) -> ConvTranspose:
     """``bn(conv_transpose(x))`` as one transposed conv; scales each group's output slice of the weight."""
     if isinstance(bn, BatchNorm) and bn.channels != conv.out_channels:
@@ -101,5 +114,6 @@ def pad_to_conv(pad: Pad, channels: int, dtype=np.float32) -> Conv:
     return cast_conv(_alg.pad_conv(pad, channels), dtype)
 
 
-__all__ = ["affine_to_conv", "avgpool_to_conv", "compose", "fold_bn", "fold_bn_transpose", "identity_conv",
+__all__ = ["affine_to_conv", "avgpool_to_conv", "compose", "fold_bn", "fold_bn_input", "fold_bn_transpose",
+           "identity_conv",
            "pad_kernel", "pad_to_conv", "regroup", "sum_convs"]

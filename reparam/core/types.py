@@ -277,7 +277,13 @@ class Pad:
 
 @dataclass(frozen=True)
 class Add:
-    """Sum of two or more values of the same shape."""
+    """Sum of two or more values of the same shape, each times its coefficient (``a - b`` is
+    ``Add((1.0, -1.0))``); no coefficients means a plain sum."""
+
+    coefficients: tuple[float, ...] | None = None
+
+    def coefficient(self, i: int) -> float:
+        return 1.0 if self.coefficients is None else float(self.coefficients[i])
 
 
 LinearOp = Conv | BatchNorm | Affine | Identity | AvgPool | Pad | Add

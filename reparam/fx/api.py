@@ -6,16 +6,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch import nn
 
-from .. import core
 from ..core.errors import ReparamError
+from .build import Build, Options, build
+from .checks import checked_build, max_rel
 from .report import FuseReport
-from .rewrite import Rewrite, apply_plan, drop_identities, fold_conv_transpose_bn
-from .tracing import eval_mode, frozen_training_state, safe_deepcopy, trace
-from .translate import translate
-from .workspace import Workspace, attr_at
+from .tracing import eval_mode, safe_deepcopy
 
 
 def _as_tuple(inputs: Any) -> tuple:
@@ -28,6 +25,28 @@ def _count_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
+def _refuse_wrappers(model: Any) -> None:
+    """One clear error for the module kinds reparam cannot rewrite, saying what to pass instead."""
+    name = type(model).__name__
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ReparamError(f"reparam.fuse got a TorchScript module ({name}); pass the nn.Module it was scripted or "
+                           "traced from, then script or trace the fused result")
+    dynamo = getattr(getattr(torch, "_dynamo", None), "eval_frame", None)
+    if dynamo is not None and isinstance(model, getattr(dynamo, "OptimizedModule", ())):
+        raise ReparamError("reparam.fuse got a torch.compile wrapper (OptimizedModule); pass the module before "
+                           "compiling (model._orig_mod), then torch.compile the fused result")
+    exported = getattr(getattr(torch, "export", None), "ExportedProgram", None)
+    if exported is not None and isinstance(model, exported):
+        raise ReparamError("reparam.fuse got a torch.export ExportedProgram; pass the nn.Module you exported, "
+                           "then export the fused result")
+    unlifted = getattr(getattr(getattr(torch, "export", None), "_unlift", None), "_StatefulGraphModule", None)
+    if unlifted is not None and isinstance(model, unlifted):
+        raise ReparamError("reparam.fuse got the module() of a torch.export ExportedProgram, which cannot be put in "
+                           "eval mode; pass the nn.Module you exported, then export the fused result")
+    if not isinstance(model, nn.Module):
+        raise ReparamError(f"reparam.fuse expects a torch.nn.Module, got {name}")
+
+
 def fuse(model: nn.Module, example_inputs: Any = None, *, inplace: bool = False, allow_costlier: bool = False,
          report: bool = False) -> nn.Module | tuple[nn.Module, FuseReport]:
     """Collapse every fusable linear region of ``model`` into convolutions (eval semantics).
@@ -35,136 +54,60 @@ def fuse(model: nn.Module, example_inputs: Any = None, *, inplace: bool = False,
     Returns an eval-mode module computing the same outputs; the report is attached as
     ``result.reparam_report`` (and returned as a second value with ``report=True``).
 
-    - ``example_inputs``: a tensor or tuple; enables shape propagation (needed to fold ``Linear`` layers,
-      which are linear per channel only on 2-D inputs) and fills shapes for untraceable submodules.
+    - ``example_inputs``: a tensor or tuple.  The result is then run and checked on them before it is
+      returned (each fused part against the value it replaces, and the whole model end to end); a part that
+      fails or differs is undone and the report says so.  They also give shapes (ranks, 2-D ``Linear``
+      inputs) where the graph alone does not decide them.
     - ``inplace``: reuse the input's modules instead of copying them (the input is put in eval mode and
       must not be used afterwards); by default the input model is left untouched.
-    - ``allow_costlier``: also apply exact fusions that raise the MAC count (e.g. composing a 1x1
-      projection with a following 1x1 expansion); refused by default, with the reason in the report.
+    - ``allow_costlier``: also apply exact fusions that run more convs or MACs than the input (composing a
+      1x1 projection with a following 1x1 expansion, a lone BN as a conv); refused by default, with the
+      reason in the report.
     """
-    if not isinstance(model, nn.Module):
-        raise ReparamError(f"reparam.fuse expects a torch.nn.Module, got {type(model).__name__}")
+    _refuse_wrappers(model)
     inputs = _as_tuple(example_inputs)
-    rep = FuseReport(params_before=_count_params(model))
+    params = _count_params(model)
     with eval_mode(model, keep=inplace):
         stay_training = {name for name, m in model.named_modules() if m.training}
-        for name in stay_training:
-            m = model.get_submodule(name)
-            rep.refused.append((name or type(model).__name__,
-                                f"{type(m).__name__} stays in training mode after eval(); left alone"))
-        try:
-            gm = trace(model)
-        except Exception as err:  # fx raises many types for untraceable code
-            rep.skipped.append((type(model).__name__, f"not traceable as a whole ({_brief(err)}); "
-                                "fusing its submodules one by one"))
-            root = model if inplace else safe_deepcopy(model)
-            shapes = _capture_inputs(root, inputs) if inputs else {}
-            fused = _fuse_children(root, "", shapes, rep, allow_costlier)
+        if inputs:
+            b, ref, out, counts = checked_build(model, inputs, allow_costlier)
+            if b is None:
+                b = Build(safe_deepcopy(model), FuseReport())
+                b.report.notes.append("the fused model could not be made to run on the example inputs: "
+                                      "returned unfused")
+            elif inplace:  # the checks ran on copies; apply what passed to the model itself
+                b = build(model, Options(allow_costlier, ref.args, False, frozenset(b.undone), b.undone),
+                          copy_model=False)
+            rep = b.report
+            rep.counts_before, rep.counts_after, rep.counted_on = ref.counts, counts, "example inputs"
+            diff = max_rel(ref.output, out)
+            rep.check = {"max_rel": diff}
+            _note_difference(rep, diff, ref.output)
         else:
-            fused = _fuse_traced(gm, inputs, rep, allow_costlier, "", copy_originals=not inplace)
-            if fused is None:
-                fused = model if inplace else safe_deepcopy(model)
+            b = build(model, Options(allow_costlier), copy_model=not inplace)
+            rep = b.report
+            if b.replaced:
+                rep.notes.append("fused in parts (some forward could not be traced): pass example_inputs to have "
+                                 "the result run and checked")
+    fused = b.module
     fused.eval()
     for name, m in fused.named_modules():  # modules that refuse eval() keep computing as they did
         if name and name in stay_training:
             m.training = True
-    rep.params_after = _count_params(fused)
+    for name in sorted(stay_training):
+        rep.notes.append(f"{name or type(model).__name__} stays in training mode after eval(); left alone")
+    rep.params_before, rep.params_after = params, _count_params(fused)
     fused.reparam_report = rep
     return (fused, rep) if report else fused
 
 
-def _brief(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"[:200]
+def _note_difference(rep: FuseReport, diff: float, expected: Any) -> None:
+    from .checks import _dtype_of, tolerance
 
-
-def _fuse_traced(gm: Workspace, inputs: tuple, rep: FuseReport, allow_costlier: bool, prefix: str,
-                 copy_originals: bool) -> fx.GraphModule | None:
-    """Fuse a traced module; None when nothing changed (the caller keeps the original)."""
-    if inputs:
-        try:
-            runnable = gm.graph_module()
-            with torch.no_grad(), frozen_training_state(runnable):
-                ShapeProp(runnable).propagate(*inputs)
-        except Exception as err:
-            rep.skipped.append((prefix or "shape propagation", f"example inputs did not run ({_brief(err)}); "
-                                "continuing without shapes"))
-        finally:
-            gm.graph.owning_module = None  # the rewrite adds modules that GraphModule does not hold
-    rw = Rewrite()
-    changed = drop_identities(gm, rep, prefix) + fold_conv_transpose_bn(gm, rep, rw, prefix)
-    tr = translate(gm)
-    rep.refused.extend((prefix + n, why) for n, why in tr.refused)
-    plan = core.plan(tr.graph, allow_costlier=allow_costlier)
-    rep.refused.extend((prefix + r.node, r.reason) for r in plan.refusals)
-    changed += apply_plan(gm, plan, tr.graph, rep, rw, prefix)
-    if not changed:
-        return None
-    gm.graph.lint()
-    out = gm.graph_module()
-    if copy_originals:
-        _copy_originals(out, rw)
-    return out
-
-
-def _targets(gm: fx.GraphModule) -> list[str]:
-    return list(dict.fromkeys(n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")))
-
-
-def _copy_originals(out: fx.GraphModule, rw: Rewrite) -> None:
-    """Replace the references to the input model's modules/tensors by copies (sharing preserved)."""
-    originals = {t: attr_at(out, t) for t in _targets(out) if t not in rw.modules}
-    memo = {id(m): m for m in rw.modules.values()}
-    copies = safe_deepcopy(originals, memo)
-    for t, obj in copies.items():
-        _set(out, t, obj)
-
-
-def _set(root: nn.Module, target: str, value: Any) -> None:
-    *path, last = target.split(".")
-    parent = attr_at(root, ".".join(path)) if path else root
-    if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and last in parent._buffers:
-        parent._buffers[last] = value
-    else:
-        setattr(parent, last, value)
-
-
-def _capture_inputs(root: nn.Module, inputs: tuple) -> dict[nn.Module, tuple]:
-    """Run ``root`` once on the example inputs, recording each submodule's first positional inputs."""
-    seen: dict[nn.Module, tuple] = {}
-
-    def hook(m, args):
-        seen.setdefault(m, args)
-
-    handles = [m.register_forward_pre_hook(hook) for m in root.modules()]
-    try:
-        with torch.no_grad(), frozen_training_state(root):
-            root(*inputs)
-    except Exception:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
-
-
-def _fuse_children(module: nn.Module, prefix: str, shapes: dict, rep: FuseReport, allow_costlier: bool) -> nn.Module:
-    """Fallback: fuse each traceable child (in place on an already-copied tree), recursing into the rest."""
-    for name, child in list(module.named_children()):
-        path = f"{prefix}{name}"
-        try:
-            gm = trace(child)
-        except Exception as err:
-            if any(True for _ in child.children()):
-                rep.skipped.append((path, f"not traceable ({_brief(err)}); fusing its submodules"))
-                _fuse_children(child, path + ".", shapes, rep, allow_costlier)
-            else:
-                rep.skipped.append((path, f"not traceable and has no submodules ({_brief(err)})"))
-            continue
-        fused = _fuse_traced(gm, shapes.get(child, ()), rep, allow_costlier, path + ".", copy_originals=False)
-        if fused is not None:
-            setattr(module, name, fused)
-    return module
+    if diff > tolerance(_dtype_of(expected)):
+        rep.notes.append(f"the outputs differ by {diff:.3g} (relative to their scale) although every fused part "
+                         "matches the value it replaces on the example inputs: ops such as argmax, top-k or NMS "
+                         "turn float rounding into different results")
 
 
 def verify(model: nn.Module, fused: nn.Module, inputs: Any) -> dict[str, float]:

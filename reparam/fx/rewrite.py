@@ -7,32 +7,51 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from .. import core
 from ..core.errors import NotFusable
-from ..torch_ops import (
-    _BNS,
-    _CONV_TRANSPOSES,
-    _IDENTITIES,
-    bn_from_module,
-    numpy_dtype,
-    plain_forward,
-    to_module,
-    to_numpy,
-    to_tensor,
-)
+from ..core.report import Leftover
+from ..torch_ops import _IDENTITIES, PaddedConv, numpy_dtype, plain_forward, to_module
+from .facts import metadata_users
 from .report import FuseReport, RegionReport
-from .translate import _bn_function
 from .workspace import Workspace
 
 
 @dataclass
+class Part:
+    """One fold the rewrite applied, with what is needed to check it on recorded values.
+
+    ``run`` computes the replacement from the values of ``inputs`` (names of nodes of the graph as traced,
+    before any rewrite); on the same inputs the traced graph computed ``output``.
+    """
+
+    id: str
+    inputs: list[str]
+    output: str
+    run: Callable[[list[torch.Tensor]], torch.Tensor]
+
+
+@dataclass
 class Rewrite:
-    """New modules by qualified name, and which existing targets the rewritten graph still uses."""
+    """New modules by qualified name, the parts applied (and those to leave out, by id), and for each node
+    the rewrite added, the traced node whose value it carries."""
 
     modules: dict[str, nn.Module] = field(default_factory=dict)
+    parts: list[Part] = field(default_factory=list)
+    origin: dict[str, str] = field(default_factory=dict)
+    skip: frozenset[str] = frozenset()
+    reasons: dict[str, tuple[str, str]] = field(default_factory=dict)  # BN node -> (why a fold left it, kind)
+
+    def source_of(self, node: fx.Node) -> str:
+        return self.origin.get(node.name, node.name)
+
+    def add_module(self, gm: Workspace, nodes: list[fx.Node], module: nn.Module) -> str:
+        """Register a module the rewrite made, under a name of its own (see :func:`fused_name`)."""
+        name = fused_name(nodes, gm, self.modules)
+        self.modules[name] = module
+        gm.add_submodule(name, module)
+        return name
 
 
 def _op_label(node: fx.Node, gm: Workspace) -> str:
@@ -69,103 +88,155 @@ def _mutates(node: fx.Node, gm: Workspace) -> fx.Node | None:
 _INPLACE_OPERATORS = (operator.iadd, operator.imul, operator.isub, operator.itruediv)
 
 
-def _params_and_place(region_nodes: list[fx.Node], gm: Workspace) -> tuple[torch.dtype, torch.device]:
+def _params_and_place(region_nodes: list[fx.Node], gm: Workspace
+                      ) -> tuple[torch.dtype, torch.device, torch.memory_format]:
+    """The dtype, device and weight memory format of the region's first stored tensor (parameters and
+    buffers alike: a BN without affine has only buffers)."""
     for n in region_nodes:
+        tensors: list = []
         if n.op == "call_module":
-            for p in gm.get_submodule(n.target).parameters():
-                return p.dtype, p.device
-        if n.op == "call_function":
-            for a in n.args:
-                if isinstance(a, fx.Node) and a.op == "get_attr":
-                    t = gm.attr(a.target)
-                    if isinstance(t, torch.Tensor) and t.is_floating_point():
-                        return t.dtype, t.device
+            m = gm.get_submodule(n.target)
+            tensors = [*m.parameters(), *m.buffers()]
+        elif n.op in ("call_function", "call_method"):
+            tensors = [a.meta.get("constant") for a in n.args if isinstance(a, fx.Node)]
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                return t.dtype, t.device, _layout(t)
     tm = region_nodes[0].meta.get("tensor_meta")
     if tm is not None:
-        return tm.dtype, torch.device("cpu")
-    return torch.float32, torch.device("cpu")
+        return tm.dtype, torch.device("cpu"), torch.contiguous_format
+    return torch.float32, torch.device("cpu"), torch.contiguous_format
 
 
-def _readers_by_path(graph: fx.Graph) -> dict[str, list[fx.Node]]:
-    """The nodes calling each module path or reading an attribute under it."""
-    out: dict[str, list[fx.Node]] = {}
-    for n in graph.nodes:
-        if n.op == "call_module":
-            out.setdefault(str(n.target), []).append(n)
-        elif n.op == "get_attr":
-            parts = str(n.target).split(".")
-            for k in range(1, len(parts)):
-                out.setdefault(".".join(parts[:k]), []).append(n)
-    return out
+def _layout(t: torch.Tensor) -> torch.memory_format:
+    """channels_last (3d) for a 4-D (5-D) weight stored that way, else the default format."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if t.dim() == 5 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
-def _module_name(region, convs, nodes, exit_node, term, gm, rw, readers: dict[str, list[fx.Node]]) -> str:
-    """Reuse the region's conv path when that module serves nowhere else; else a fresh flat name."""
-    single = sum(not t.identity for t in region.terms) == 1
-    if single and convs and convs[0].op == "call_module":
-        target = str(convs[0].target)
-        inside = set(nodes)
-        others = [n for n in readers.get(target, ()) if n not in inside and not getattr(n, "_erased", False)]
-        if not others and target not in rw.modules:
-            return target
-    return _fresh_name(f"{exit_node.name}_{term.source}", gm, rw.modules)
+def module_path(node: fx.Node) -> str:
+    """The path of the module a node belongs to: a called module's own path, else the module whose forward
+    holds the node ("" for the model's own forward)."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        return next(reversed(stack.values()))[0]
+    return ""
 
 
-def _fresh_name(base: str, gm: Workspace, taken: dict[str, nn.Module]) -> str:
-    base = base.replace(".", "_") or "fused"
+def _common_path(paths: list[str]) -> str:
+    split = [p.split(".") if p else [] for p in paths]
+    common = []
+    for level in zip(*split):
+        if any(x != level[0] for x in level):
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
+def fused_name(nodes: list[fx.Node], gm: Workspace, taken: dict[str, nn.Module]) -> str:
+    """A name of its own for a module made from ``nodes``: ``<enclosing module>.<first conv>_fused`` (then
+    ``_1``, ``_2``...), never a path of the input model, so a training-form state_dict cannot load into it."""
+    owners = [module_path(n).rpartition(".")[0] if n.op == "call_module" else module_path(n) for n in nodes]
+    base = _common_path(owners)
+    first = next((str(n.target) for n in nodes if _is_conv_node(n, gm) and n.op == "call_module"), None)
+    kind = "fused" if first is None else first[len(base) + 1 if base else 0:].replace(".", "_") + "_fused"
+    base = f"{base}.{kind}" if base else kind
     name, k = base, 1
-    while name in taken or gm.has_attr(name):
+    while name in taken or _exists(gm, name):
         name, k = f"{base}_{k}", k + 1
     return name
 
 
+def _exists(gm: Workspace, target: str) -> bool:
+    try:
+        gm.attr(target)
+    except AttributeError:
+        return False
+    return True
+
+
 def apply_plan(gm: Workspace, plan: core.Plan, lg: core.LinearGraph, report: FuseReport,
                rw: Rewrite, prefix: str = "") -> int:
-    """Rewrite ``gm.graph`` in place from ``plan``; returns the number of regions rewritten."""
+    """Rewrite ``gm.graph`` in place from ``plan`` (regions whose id is in ``rw.skip`` excepted); returns the
+    number of regions rewritten."""
     graph = gm.graph
-    readers = _readers_by_path(graph)
     replaced: dict[str, fx.Node] = {}
     threads = torch.get_num_threads()
     done = 0
     for region in plan.regions:
-        if not region.worthwhile:
+        if not region.worthwhile or prefix + region.exit in rw.skip:
             continue
         nodes = [lg.nodes[n].payload for n in region.nodes]
         exit_node = nodes[-1]
         where = prefix + exit_node.name
         try:
             _check_no_mutation(region, lg, exit_node, gm, replaced)
-            dtype, device = _params_and_place(nodes, gm)
-            modules = [(t, None if t.identity else to_module(_cast(t, dtype, device, threads), dtype=dtype,
-                                                             device=device, checked=True))
-                       for t in region.terms]
+            dtype, device, layout = _params_and_place(nodes, gm)
+            modules = [None if t.identity else _module(t, dtype, device, layout, threads) for t in region.terms]
         except NotFusable as err:
-            report.refused.append((where, str(err)))
+            report.leftovers.append(Leftover(where, "region", str(err), "algebra"))
             continue
         convs = [n for n in nodes if _is_conv_node(n, gm)]
         labels = [_op_label(n, gm) for n in nodes]
+        sources = []
         with graph.inserting_before(exit_node):
             out = None
-            for term, module in modules:
+            for term, module in zip(region.terms, modules):
                 src = lg.nodes[term.source].payload
                 src = replaced.get(src.name, src)
+                sources.append(rw.source_of(src))
                 if module is not None:
-                    name = _module_name(region, convs, nodes, exit_node, term, gm, rw, readers)
-                    rw.modules[name] = module
-                    gm.add_submodule(name, module)
-                    src = graph.call_module(name, (src,))
+                    src = graph.call_module(rw.add_module(gm, nodes, module), (src,))
                 out = src if out is None else graph.call_function(operator.add, (out, src))
+        redirect_metadata(nodes[:-1], out)
         exit_node.replace_all_uses_with(out)
         replaced[exit_node.name] = out
+        rw.origin[out.name] = rw.source_of(exit_node)
         for n in reversed(nodes):
             graph.erase_node(n)
-        report.regions.append(RegionReport(where, labels, len(convs),
-                                           sum(m is not None for _, m in modules)))
+        report.regions.append(RegionReport(where, labels, len(convs), sum(m is not None for m in modules)))
+        rw.parts.append(Part(where, sources, rw.source_of(exit_node), _summing(modules)))
         done += 1
     for n in list(graph.nodes):
         if n.op == "get_attr" and not n.users:
             graph.erase_node(n)
     return done
+
+
+def _summing(modules: list[nn.Module | None]) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    """Runs what a region became: the sum over its terms of each module (or identity) on its source."""
+    def run(values: list[torch.Tensor]) -> torch.Tensor:
+        out = None
+        for m, v in zip(modules, values):
+            y = v if m is None else m(v)
+            out = y if out is None else out + y
+        return out
+    return run
+
+
+def redirect_metadata(nodes: list[fx.Node], to: fx.Node) -> None:
+    """Point the metadata reads (``x.shape``, ``x.ndim``...) of ``nodes``, about to be erased, at ``to``: the
+    value replacing them has their rank, dtype and device, and their shape where a shape is read (the
+    translation keeps values at the end of shape-keeping chains, see ``translate._anchor_shape_reads``)."""
+    inside = set(nodes)
+    for n in nodes:
+        for user in list(metadata_users(n)):
+            if user not in inside:
+                user.replace_input_with(n, to)
+
+
+def _module(term: core.Term, dtype: torch.dtype, device: torch.device, layout: torch.memory_format,
+            threads: int) -> nn.Module:
+    m = to_module(_cast(term, dtype, device, threads), dtype=dtype, device=device, checked=True)
+    if layout is not torch.contiguous_format:
+        conv = m.conv if isinstance(m, PaddedConv) else m
+        conv.weight = nn.Parameter(conv.weight.detach().contiguous(memory_format=layout))
+    return m
 
 
 def _cast(term: core.Term, dtype: torch.dtype, device: torch.device, threads: int) -> core.Conv:
@@ -225,58 +296,9 @@ def drop_identities(gm: Workspace, report: FuseReport, prefix: str = "") -> int:
             continue
         node.replace_all_uses_with(node.args[0])
         gm.graph.erase_node(node)
-        report.regions.append(RegionReport(prefix + node.name, [label], 0, 0))
+        report.removed.append((prefix + (node.target if node.op == "call_module" else node.name), label))
         done += 1
     return done
 
 
 _DROPOUT_NAMES = {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout"}
-
-
-def _bn_reading(node: fx.Node, gm: Workspace) -> tuple[fx.Node, str, Callable[[], core.BatchNorm]] | None:
-    """``node``'s only user if it is a batch norm of ``node`` alone: a BN module, or ``F.batch_norm`` (also
-    what a traced "BatchNormAct" layer calls); with its label and how to read it (which may refuse)."""
-    (user,) = node.users
-    if user.op == "call_module" and user.args == (node,) and not user.kwargs:
-        bn = gm.get_submodule(user.target)
-        if isinstance(bn, _BNS):
-            return user, type(bn).__name__, lambda: bn_from_module(bn)
-    if user.op == "call_function" and user.target is F.batch_norm and user.args and user.args[0] is node:
-        return user, "batch_norm", lambda: _bn_function(user, gm)[0]
-    return None
-
-
-def fold_conv_transpose_bn(gm: Workspace, report: FuseReport, rw: Rewrite, prefix: str = "") -> int:
-    """ConvTranspose followed by its only user, an eval-mode batch norm: one transposed conv."""
-    done = 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or len(node.users) != 1:
-            continue
-        ct = gm.get_submodule(node.target)
-        if not isinstance(ct, _CONV_TRANSPOSES) or not plain_forward(ct) or ct._forward_hooks:
-            continue
-        found = _bn_reading(node, gm)
-        if found is None:
-            continue
-        bn_node, bn_label, read_bn = found
-        try:
-            folded = core.fold_bn_transpose(
-                core.ConvTranspose(to_numpy(ct.weight), to_numpy(ct.bias), groups=ct.groups), read_bn())
-            new = type(ct)(ct.in_channels, ct.out_channels, ct.kernel_size, ct.stride, ct.padding,
-                           ct.output_padding, ct.groups, True, ct.dilation, ct.padding_mode, device="meta")
-            new.weight = nn.Parameter(to_tensor(folded.weight, ct.weight))
-            new.bias = nn.Parameter(to_tensor(folded.bias, ct.weight, what="fused bias"))
-        except NotFusable as err:
-            report.refused.append((prefix + bn_node.name, str(err)))
-            continue
-        name = _fresh_name(str(node.target), gm, rw.modules)
-        rw.modules[name] = new
-        gm.add_submodule(name, new)
-        with gm.graph.inserting_before(bn_node):
-            out = gm.graph.call_module(name, (node.args[0],))
-        bn_node.replace_all_uses_with(out)
-        gm.graph.erase_node(bn_node)
-        gm.graph.erase_node(node)
-        report.regions.append(RegionReport(prefix + bn_node.name, [type(ct).__name__, bn_label], 1, 1))
-        done += 1
-    return done

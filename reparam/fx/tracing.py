@@ -32,19 +32,29 @@ class _InplaceProxy(fx.Proxy):
 
 
 class ReparamTracer(fx.Tracer):
-    """Keeps conv/BN/pool/pad modules (and their plain subclasses) as leaves.
+    """Keeps conv/BN/pool/pad modules (and their plain subclasses) as leaves, and any submodule whose
+    forward cannot be traced.
 
     A BN subclass that overrides ``forward`` (a "BatchNormAct" layer) is traced through so its
     ``F.batch_norm`` call and its activation appear as separate nodes; its input-rank check, which
-    would branch on a traced value, is skipped while tracing.
+    would branch on a traced value, is skipped while tracing.  A submodule whose forward fails to trace
+    (control flow on a tensor, run-time padding from ``x.shape``...) becomes a leaf: the nodes traced so far
+    inside it are dropped, it is called as a whole, and :attr:`opaque` records why by module path, so one
+    untraceable layer no longer keeps the rest of the model from being traced.
     """
 
     _LEAVES = (*_CONVS, *_CONV_TRANSPOSES, *_POOLS, *_PADS, nn.Linear)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opaque: dict[str, str] = {}  # module path -> why its forward could not be traced
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _InplaceProxy(node, self)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.opaque:
+            return True
         if m.training:  # stays in training mode after eval(): keep it whole, with its own train()
             return True
         if isinstance(m, _BNS):
@@ -54,10 +64,29 @@ class ReparamTracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
-        if isinstance(m, _BNS) and not self.is_leaf_module(m, ""):
-            with _no_input_check(m):
+        qualname = self.path_of_module(m)
+        if self.is_leaf_module(m, qualname):
+            return super().call_module(m, forward, args, kwargs)
+        last = self.graph._root.prev  # the graph's last node: what the attempt adds comes after it
+        stack, calls = list(self.module_stack.items()), dict(self.num_calls)
+        try:
+            with _no_input_check(m) if isinstance(m, _BNS) else contextlib.nullcontext():
                 return super().call_module(m, forward, args, kwargs)
-        return super().call_module(m, forward, args, kwargs)
+        except Exception as err:  # fx raises many types for untraceable code
+            while self.graph._root.prev is not last:
+                self.graph.erase_node(self.graph._root.prev)
+            self.module_stack.clear()
+            self.module_stack.update(stack)
+            self.num_calls.clear()
+            self.num_calls.update(calls)
+            self.opaque[qualname] = brief(err)
+            return super().call_module(m, forward, args, kwargs)
+
+
+def brief(err: BaseException) -> str:
+    """``Type: first line of the message``, at most 200 characters: an error quoted in a report."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:200]
 
 
 @contextlib.contextmanager
@@ -70,7 +99,8 @@ def _no_input_check(m: nn.Module) -> Iterator[None]:
 
 
 def trace(module: nn.Module) -> Workspace:
-    """Trace ``module`` (already in the mode to fuse in); raises whatever fx raises when it cannot."""
+    """Trace ``module`` (already in the mode to fuse in); raises whatever fx raises when its own forward
+    cannot be traced.  Submodules that cannot be traced are leaves, listed in the workspace's ``opaque``."""
     tracer = ReparamTracer()
     before = set(vars(module))
     try:
@@ -81,6 +111,7 @@ def trace(module: nn.Module) -> Workspace:
         added = {k: vars(module).pop(k) for k in set(vars(module)) - before}
     name = module.__class__.__name__ if isinstance(module, nn.Module) else "Module"
     ws = Workspace(tracer.root, graph, name)
+    ws.opaque = tracer.opaque
     for k, v in added.items():
         ws.add_submodule(k, v)
     return ws

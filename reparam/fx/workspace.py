@@ -28,6 +28,7 @@ class Workspace:
     def __init__(self, root: nn.Module, graph: fx.Graph, name: str) -> None:
         self.root, self.graph, self.name = root, graph, name
         self.added: dict[str, nn.Module] = {}
+        self.opaque: dict[str, str] = {}  # submodule path -> why it is called whole (its forward did not trace)
         self._modules: dict[str, nn.Module] = {}  # root's submodules already looked up (each walk done once)
 
     def get_submodule(self, target: str) -> nn.Module:

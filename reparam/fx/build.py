@@ -1,0 +1,297 @@
+"""One fusion of a model: trace, fold, translate, plan, rewrite, explain what is left.
+
+:func:`build` returns the fused module, its report and, for each traced graph (the model's, or when its own
+forward cannot be traced, each traceable submodule's), a :class:`Level`: the parts applied there and what it
+takes to check them.  A ``skip`` set of part ids makes the same build without those parts, which is how
+checking on example inputs undoes a part that fails (:mod:`.checks`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .. import core
+from ..torch_ops import _BNS, _CONVS
+from .facts import fold_constants, infer_ranks
+from .folds import apply_folds
+from .leftovers import Explainer
+from .report import FuseReport
+from .rewrite import Part, Rewrite, apply_plan, drop_identities
+from .tracing import brief, frozen_training_state, safe_deepcopy, trace
+from .translate import translate
+from .workspace import Workspace, attr_at
+
+TRACE = "#trace"  # suffix of a part id: do not trace this module (its traced graph did not reproduce it)
+MODULE = "#module"  # suffix of a part id: keep this submodule as it was (replacing it broke its parent)
+
+
+@dataclass
+class Level:
+    """A traced graph of the build: the module it came from (``path`` in the model, "" for the model), the
+    graph as traced (runnable, before any rewrite) and the parts applied to it."""
+
+    path: str
+    traced: fx.GraphModule | None
+    parts: list[Part]
+
+
+@dataclass
+class Build:
+    module: nn.Module
+    report: FuseReport
+    levels: list[Level] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)  # submodule paths replaced inside an untraced parent
+    undone: dict[str, str] = field(default_factory=dict)  # part id -> why it was left out
+
+    def part_ids(self) -> list[str]:
+        ids = [p.id for lv in self.levels for p in lv.parts]
+        return list(dict.fromkeys(ids + [path + MODULE for path in self.replaced]))
+
+
+@dataclass
+class Options:
+    allow_costlier: bool = False
+    inputs: dict[str, tuple] = field(default_factory=dict)  # example inputs by module path ("" for the model)
+    keep_traced: bool = False  # keep each level's graph as traced, to record values on example inputs
+    skip: frozenset[str] = frozenset()
+    undone: dict[str, str] = field(default_factory=dict)
+
+
+def build(model: nn.Module, opts: Options, *, copy_model: bool = True) -> Build:
+    """Fuse ``model`` (already in eval mode); the model itself is left as it is when ``copy_model``."""
+    rep = FuseReport()
+    out = Build(model, rep, undone=dict(opts.undone))
+    rep.undone = [(pid, why) for pid, why in opts.undone.items()]
+    ws = None if TRACE in opts.skip else _try_trace(model, "", rep)
+    if ws is None:
+        rep.counts_before = static_counts(model)
+        root = safe_deepcopy(model) if copy_model else model
+        out.module = _fuse_children(root, "", opts, out)
+        rep.counted_on = "module structure (adds only inside traced parts)"
+    else:
+        rep.counts_before = static_counts(ws.graph_module())
+        ws.graph.owning_module = None
+        fused = _fuse_traced(ws, "", opts, out, copy_originals=copy_model)
+        out.module = fused if fused is not None else (safe_deepcopy(model) if copy_model else model)
+    rep.counts_after = static_counts(out.module)
+    return out
+
+
+def _try_trace(module: nn.Module, path: str, rep: FuseReport) -> Workspace | None:
+    try:
+        return trace(module)
+    except Exception as err:  # fx raises many types for untraceable code
+        rep.skipped.append((path or type(module).__name__, f"its forward cannot be traced ({brief(err)}); "
+                            "its submodules are fused one by one"))
+        return None
+
+
+def _fuse_children(module: nn.Module, prefix: str, opts: Options, out: Build) -> nn.Module:
+    """Fuse each child of an untraceable module (in place, on an already-copied tree)."""
+    for name, child in list(module.named_children()):
+        path = f"{prefix}{name}"
+        if path + MODULE in opts.skip:
+            out.report.notes.append(f"{path} is kept as it was: {opts.undone.get(path + MODULE, 'asked to')}")
+            continue
+        ws = None if path + TRACE in opts.skip else _try_trace(child, path, out.report)
+        if ws is None:
+            if any(True for _ in child.children()):
+                _fuse_children(child, path + ".", opts, out)
+            continue
+        fused = _fuse_traced(ws, path + ".", opts, out, copy_originals=False)
+        if fused is not None:
+            setattr(module, name, keep_face(child, fused))
+            out.replaced.append(path)
+    return module
+
+
+def _fuse_traced(ws: Workspace, prefix: str, opts: Options, out: Build, copy_originals: bool
+                 ) -> fx.GraphModule | None:
+    """Fuse one traced graph; None when nothing changed (the caller keeps the original module)."""
+    rep = out.report
+    for path, why in ws.opaque.items():
+        rep.skipped.append((prefix + path, f"called whole: its forward cannot be traced ({why})"))
+    path = prefix[:-1]
+    if path in opts.inputs:
+        _propagate_shapes(ws, opts.inputs[path], prefix, rep)
+    traced = _runnable_copy(ws) if opts.keep_traced else None
+    rw = Rewrite(skip=opts.skip)
+    changed = drop_identities(ws, rep, prefix)
+    changed += _fuse_opaque_leaves(ws, prefix, opts, out, rw)
+    fold_constants(ws)
+    changed += apply_folds(ws, infer_ranks(ws), rep, rw, prefix)
+    tr = translate(ws)
+    plan = core.plan(tr.graph, allow_costlier=opts.allow_costlier)
+    changed += apply_plan(ws, plan, tr.graph, rep, rw, prefix)
+    rep.leftovers.extend(Explainer(ws, tr.graph, plan, tr.refused, rw, prefix, opts.undone).collect())
+    out.levels.append(Level(path, traced, rw.parts))
+    if not changed:
+        return None
+    ws.graph.lint()
+    gm = ws.graph_module()
+    if copy_originals:
+        _copy_originals(gm, rw)
+    if not prefix:
+        _carry_attributes(ws.root, gm)
+    return gm
+
+
+def _propagate_shapes(ws: Workspace, inputs: tuple, prefix: str, rep: FuseReport) -> None:
+    """Shapes and dtypes of every value (``node.meta["tensor_meta"]``) from one run on example inputs."""
+    try:
+        runnable = ws.graph_module()
+        with torch.no_grad(), frozen_training_state(runnable):
+            ShapeProp(runnable).propagate(*inputs)
+    except Exception as err:
+        rep.notes.append(f"{prefix[:-1] or 'the model'}: the example inputs did not run through the traced graph "
+                         f"({brief(err)}); continuing without shapes")
+    finally:
+        ws.graph.owning_module = None  # the rewrite adds modules that this GraphModule does not hold
+
+
+def _runnable_copy(ws: Workspace) -> fx.GraphModule:
+    """The traced graph, copied before any rewrite, over the model's own modules (for recording values)."""
+    graph = fx.Graph()
+    out = graph.graph_copy(ws.graph, {})
+    graph.output(out)
+    targets = {n.target for n in graph.nodes if n.op in ("call_module", "get_attr")}
+    return fx.GraphModule({t: ws.attr(t) for t in targets}, graph, ws.name)
+
+
+def _fuse_opaque_leaves(ws: Workspace, prefix: str, opts: Options, out: Build, rw: Rewrite) -> int:
+    """A submodule called whole because its forward cannot be traced still has children that may trace:
+    fuse those (in a copy of the submodule) and call the copy instead."""
+    done = 0
+    for path in ws.opaque:
+        m = ws.get_submodule(path)
+        if path in ws.added or not any(True for _ in m.children()) or prefix + path + MODULE in opts.skip:
+            continue
+        copy_ = safe_deepcopy(m)
+        before = len(out.replaced)
+        _fuse_children(copy_, prefix + path + ".", opts, out)
+        if len(out.replaced) == before:
+            continue
+        ws.add_submodule(path, copy_)
+        rw.modules[path] = copy_
+        out.replaced.append(prefix + path)
+        done += 1
+    return done
+
+
+def _copy_originals(gm: fx.GraphModule, rw: Rewrite) -> None:
+    """Replace the references to the input model's modules/tensors by copies (sharing preserved)."""
+    targets = list(dict.fromkeys(n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")))
+    originals = {t: attr_at(gm, t) for t in targets if t not in rw.modules}
+    memo = {id(m): m for m in rw.modules.values()}
+    copies = safe_deepcopy(originals, memo)
+    for t, obj in copies.items():
+        _set(gm, t, obj)
+
+
+def _set(root: nn.Module, target: str, value: Any) -> None:
+    *path, last = target.split(".")
+    parent = attr_at(root, ".".join(path)) if path else root
+    if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and last in parent._buffers:
+        parent._buffers[last] = value
+    else:
+        setattr(parent, last, value)
+
+
+# ------------------------------------------------------------------------------- what others see
+
+_MODULE_STATE = {"training", "_parameters", "_buffers", "_non_persistent_buffers_set", "_backward_pre_hooks",
+                 "_backward_hooks", "_is_full_backward_hook", "_forward_hooks", "_forward_hooks_with_kwargs",
+                 "_forward_hooks_always_called", "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs",
+                 "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                 "_load_state_dict_post_hooks", "_modules", "_compiled_call_impl"}
+
+
+def _carry_attributes(original: nn.Module, gm: nn.Module) -> None:
+    """Give ``gm`` the plain attributes of the module it replaces (``m.f``, ``m.stride``, ``num_classes``...),
+    which surrounding code may read; modules, parameters and buffers are the graph's own business."""
+    for key, value in vars(original).items():
+        if key in _MODULE_STATE or key in vars(gm) or isinstance(value, (nn.Module, torch.Tensor)):
+            continue
+        try:
+            object.__setattr__(gm, key, value)
+        except (AttributeError, TypeError):  # a read-only property of GraphModule
+            continue
+
+
+def _overrides_module(cls: type) -> bool:
+    """``cls`` (or a base below nn.Module) redefines an nn.Module method other than ``__init__``/``forward``:
+    mixing it into a GraphModule would run that method on a module tree it does not know."""
+    allowed = {"__init__", "forward", "extra_repr", "__doc__", "__module__", "__qualname__", "__dict__",
+               "__weakref__", "__annotations__", "__firstlineno__", "__static_attributes__", "__parameters__",
+               "__orig_bases__"}
+    module_names = set(dir(nn.Module)) | set(dir(fx.GraphModule))
+    for c in cls.__mro__:
+        if c in (nn.Module, object) or issubclass(fx.GraphModule, c):
+            continue
+        if (set(vars(c)) - allowed) & module_names:
+            return True
+    return False
+
+
+def keep_face(original: nn.Module, gm: fx.GraphModule) -> nn.Module:
+    """``gm`` as seen by the untraced code around it: the original's plain attributes, and, when that is
+    safe, its class too (``isinstance(m, Detect)`` in a parent's forward keeps working)."""
+    _carry_attributes(original, gm)
+    cls = type(original)
+    if not _overrides_module(cls):
+        try:
+            gm.__class__ = type(cls.__name__, (type(gm), cls), {"__module__": cls.__module__})
+        except TypeError:  # an incompatible layout (slots, a metaclass): attributes only
+            pass
+    return gm
+
+
+# ------------------------------------------------------------------------------------------ counts
+
+_ADD_TARGETS = {"add", "iadd", "add_"}
+
+
+def static_counts(module: nn.Module) -> Counter:
+    """Conv / batch_norm / add / linear ops a module runs, counted without running it: a GraphModule's nodes
+    (recursing into the modules it calls whole), else its standard conv, Linear and BN submodules."""
+    counts: Counter = Counter()
+    if isinstance(module, fx.GraphModule):
+        for node in module.graph.nodes:
+            if node.op == "call_module":
+                counts += _module_kind(attr_at(module, node.target))
+            elif node.op in ("call_function", "call_method"):
+                name = getattr(node.target, "__name__", str(node.target))
+                if node.target in (F.batch_norm, torch.batch_norm):
+                    counts["batch_norm"] += 1
+                elif "conv" in name and node.op == "call_function":
+                    counts["conv"] += 1
+                elif name == "linear":
+                    counts["linear"] += 1
+                elif name in _ADD_TARGETS and sum(isinstance(a, fx.Node) and a.op != "get_attr"
+                                                  for a in node.args[:2]) == 2:
+                    counts["add"] += 1
+        return counts
+    return _module_kind(module)
+
+
+def _module_kind(m: nn.Module) -> Counter:
+    if isinstance(m, fx.GraphModule):
+        return static_counts(m)
+    counts: Counter = Counter()
+    for sub in m.modules():
+        if isinstance(sub, fx.GraphModule) and sub is not m:
+            counts += static_counts(sub)
+        elif isinstance(sub, _CONVS) or isinstance(sub, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            counts["conv"] += 1
+        elif isinstance(sub, _BNS):
+            counts["batch_norm"] += 1
+        elif isinstance(sub, nn.Linear):
+            counts["linear"] += 1
+    return counts

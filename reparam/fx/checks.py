@@ -1,0 +1,235 @@
+"""Checking a fusion on example inputs, and undoing what fails.
+
+With example inputs, :func:`checked_build` runs the input model once (its output, executed op counts, and
+the inputs and outputs of the modules whose graphs were traced), then builds the fused model and checks it:
+
+1. each traced graph must reproduce its module's output (a trace that took another branch than the real
+   code is not used: that module's children are fused one by one instead);
+2. each fused part (a collapsed region, a fold) is run on the values the traced graph computed at its inputs
+   and compared with the value it replaces, so a difference is pinned to the part that makes it, whatever
+   the rest of the model does with it;
+3. the fused model runs end to end on the example inputs; if it raises, a binary search over the parts finds
+   the ones whose rewrite breaks it.
+
+Failing parts are undone (the same build, without them) and the report says why.  The end-to-end difference
+is reported: ops such as argmax, top-k or NMS turn float rounding into different outputs, which is not a
+reason to undo an exact fold.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ..testing.torch_checks import _OpCounter
+from .build import MODULE, TRACE, Build, Options, build
+from .tracing import brief, frozen_training_state
+
+_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+_ROUNDS = 6  # builds with more parts undone before giving up on a part-by-part search
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    return _RTOL.get(dtype, 1e-4)
+
+
+def _clone(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone(v) for v in value) if not hasattr(value, "_fields") else \
+            type(value)(*(_clone(v) for v in value))
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    return value
+
+
+def tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors of a (nested) output, in order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in tensors(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in tensors(v)]
+    return []
+
+
+def max_rel(expected: Any, got: Any) -> float:
+    """Largest difference between two (nested) outputs relative to the expected output's scale; inf when
+    their structure, shapes or non-finite positions differ."""
+    a, b = tensors(expected), tensors(got)
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+        return float("inf")
+    worst, scale = 0.0, 0.0
+    for x, y in zip(a, b):
+        if not x.numel() or not (x.is_floating_point() or y.is_floating_point()):
+            if x.numel() and not torch.equal(x, y.to(x.dtype)):
+                return float("inf")
+            continue
+        x64, y64 = x.detach().double().cpu(), y.detach().double().cpu()
+        fx_, fy = torch.isfinite(x64), torch.isfinite(y64)
+        if not torch.equal(fx_, fy):
+            return float("inf")
+        worst = max(worst, float((x64 - y64).abs().nan_to_num(0.0).max()))
+        scale = max(scale, float(x64.abs().nan_to_num(0.0, 0.0, 0.0).max()))
+    return worst / scale if scale else worst
+
+
+class _Recorder(fx.Interpreter):
+    """Runs a traced graph, keeping (copies of) the values of the named nodes."""
+
+    def __init__(self, gm: fx.GraphModule, keep: set[str]) -> None:
+        super().__init__(gm)
+        self.keep, self.values = keep, {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self.keep:
+            self.values[n.name] = _clone(out)
+        return out
+
+
+class Reference:
+    """One run of the input model: its output, executed op counts, and the inputs and outputs of the
+    modules at ``paths`` (their first call)."""
+
+    def __init__(self, model: nn.Module, inputs: tuple, paths: set[str]) -> None:
+        self.args: dict[str, tuple] = {"": inputs}
+        self.outputs: dict[str, Any] = {}
+        modules = {m: p for p, m in model.named_modules() if p in paths and p}
+        handles = []
+        for m in modules:
+            handles.append(m.register_forward_pre_hook(self._pre(modules[m])))
+            handles.append(m.register_forward_hook(self._post(modules[m])))
+        counter = _OpCounter()
+        try:
+            with torch.no_grad(), frozen_training_state(model), counter:
+                self.output = model(*_clone(inputs))
+        finally:
+            for h in handles:
+                h.remove()
+        self.outputs[""] = self.output
+        self.counts = _counts(counter.counts)
+
+    def _pre(self, path: str) -> Callable:
+        def hook(_m, args):
+            self.args.setdefault(path, _clone(args))
+        return hook
+
+    def _post(self, path: str) -> Callable:
+        def hook(_m, _args, out):
+            self.outputs.setdefault(path, _clone(out))
+        return hook
+
+
+def _counts(raw: Counter) -> Counter:
+    return Counter({k: raw[k] for k in ("conv", "batch_norm", "add", "linear")})
+
+
+def run_counted(module: nn.Module, inputs: tuple) -> tuple[Any, Counter]:
+    counter = _OpCounter()
+    with torch.no_grad(), frozen_training_state(module), counter:
+        out = module(*_clone(inputs))
+    return out, _counts(counter.counts)
+
+
+def _dtype_of(value: Any) -> torch.dtype:
+    ts = [t for t in tensors(value) if t.is_floating_point()]
+    return ts[0].dtype if ts else torch.float32
+
+
+def _check_levels(b: Build, ref: Reference) -> dict[str, str]:
+    """Why each failing part (or untrustworthy trace) fails, by id."""
+    bad: dict[str, str] = {}
+    for lv in b.levels:
+        if lv.traced is None or lv.path not in ref.args or lv.path not in ref.outputs:
+            continue
+        keep = {n for p in lv.parts for n in (*p.inputs, p.output)}
+        rec = _Recorder(lv.traced, keep)
+        try:
+            with torch.no_grad(), frozen_training_state(lv.traced):
+                out = rec.run(*_clone(ref.args[lv.path]))
+        except Exception as err:
+            bad[lv.path + TRACE] = f"its traced graph fails on the example inputs ({brief(err)})"
+            continue
+        expected = ref.outputs[lv.path]
+        diff = max_rel(expected, out)
+        if diff > tolerance(_dtype_of(expected)):
+            bad[lv.path + TRACE] = (f"its traced graph does not reproduce its output on the example inputs (max rel "
+                                    f"diff {diff:.2g}); the traced code differs from what runs")
+            continue
+        for part in lv.parts:
+            if part.output not in rec.values or any(i not in rec.values for i in part.inputs):
+                continue
+            expected = rec.values[part.output]
+            try:
+                with torch.no_grad():
+                    got = part.run([rec.values[i] for i in part.inputs])
+                diff = max_rel(expected, got)
+            except Exception as err:
+                bad.setdefault(part.id, f"the fused part fails on the values it reads ({brief(err)})")
+                continue
+            if diff > tolerance(_dtype_of(expected)):
+                bad.setdefault(part.id, f"on the example inputs its fused value differs by {diff:.2g} (relative)")
+    return bad
+
+
+def _breaks(model: nn.Module, opts: Options, inputs: tuple) -> Callable[[frozenset[str]], str | None]:
+    def test(skip: frozenset[str]) -> str | None:
+        trial = build(model, Options(opts.allow_costlier, opts.inputs, False, skip, {}))
+        try:
+            run_counted(trial.module, inputs)
+        except Exception as err:
+            return brief(err)
+        return None
+    return test
+
+
+def _culprit(ids: list[str], test: Callable[[frozenset[str]], str | None], base: frozenset[str]) -> str | None:
+    """The first part (in build order) that, applied after the ones before it, makes ``test`` fail."""
+    lo, hi = 0, len(ids)  # parts[:lo] pass, parts[:hi] fail
+    if test(base | frozenset(ids)) is not None:  # with every part undone it still fails: blame the trace
+        return TRACE if TRACE not in base else None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if test(base | frozenset(ids[mid:])) is None:
+            lo = mid
+        else:
+            hi = mid
+    return ids[lo]
+
+
+def checked_build(model: nn.Module, inputs: tuple, allow_costlier: bool
+                  ) -> tuple[Build | None, Reference, Any, Counter]:
+    """The fused model, checked on ``inputs`` with failing parts undone, or None when no part-by-part undo
+    makes it run (keep the model as it is); with the reference run, the fused model's output and executed
+    op counts."""
+    first = build(model, Options(allow_costlier))
+    ref = Reference(model, inputs, {lv.path for lv in first.levels} | set(first.replaced))
+    undone: dict[str, str] = {}
+    opts = Options(allow_costlier, ref.args, True, frozenset(), undone)
+    for _ in range(_ROUNDS):
+        b = build(model, opts)
+        bad = {k: v for k, v in _check_levels(b, ref).items() if k not in undone}
+        if not bad:
+            try:
+                out, counts = run_counted(b.module, inputs)
+                return b, ref, out, counts
+            except Exception as err:
+                why = brief(err)
+            ids = b.part_ids()
+            found = _culprit(ids, _breaks(model, opts, inputs), opts.skip)
+            if found is None:
+                break
+            bad = {found: f"with it, the fused model fails on the example inputs ({why})"}
+        undone.update(bad)
+        opts = Options(allow_costlier, ref.args, True, frozenset(undone), undone)
+    return None, ref, ref.output, ref.counts
+
+
+__all__ = ["MODULE", "Reference", "checked_build", "max_rel", "run_counted", "tensors", "tolerance"]

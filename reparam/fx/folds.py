@@ -1,0 +1,531 @@
+"""Batch-norm folds in other directions than the region collapse's (conv, then BN, into one conv).
+
+Each rule is a pattern, a condition and a replacement; the condition's failure is the reason the report
+gives.  All weight math is the core's (:func:`reparam.core.fold_bn`, :func:`reparam.core.fold_bn_input`,
+:func:`reparam.core.fold_bn_transpose`); the rules only find where it applies:
+
+- :func:`fold_into_opaque_convs`: a transposed conv, or a conv subclass whose forward cannot be traced
+  (TF-"same" padding computed from ``x.shape``), followed by a BN.  Folding scales the output channels, which
+  is exact whatever the conv does to its input, once a probe run shows the forward is one convolution with
+  the module's own weight and bias.
+- :func:`fold_through_reshape`: ``bn(linear(x).flatten(0, 1))`` (LeViT): a row-major reshape to ``[M, C]``
+  keeps the Linear's last dim as the BN's channels.
+- :func:`fold_after_concat`: ``bn(cat([conv_a(x0), conv_b(x1)], 1))`` (MixConv): each conv takes its slice.
+- :func:`fold_on_slices`: ``a, b = conv(x).chunk(2, 1); bn_a(a), bn_b(b)``: the conv takes both.
+- :func:`fold_forward`: a BN read by several unpadded convs or Linears: each one absorbs it.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .. import core
+from ..core.errors import NotFusable
+from ..torch_ops import (
+    _BNS,
+    _CONV_TRANSPOSES,
+    _CONVS,
+    bn_from_module,
+    conv_from_module,
+    plain_forward,
+    to_module,
+    to_numpy,
+    to_tensor,
+)
+from .facts import data_users, metadata_users
+from .report import FuseReport, RegionReport
+from .rewrite import Part, Rewrite, _layout, _mutates, redirect_metadata
+from .tracing import brief, safe_deepcopy
+from .translate import _CONV_FUNCS, _bn_function, _conv_function
+from .workspace import Workspace
+
+BnRead = Callable[[], core.BatchNorm]
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def bn_of(node: fx.Node, gm: Workspace) -> tuple[BnRead, str, fx.Node] | None:
+    """``node`` as a batch norm of one input: how to read it (which may refuse), its label and its input."""
+    if node.op == "call_module" and len(node.args) == 1 and not node.kwargs and isinstance(node.args[0], fx.Node):
+        m = gm.get_submodule(node.target)
+        if isinstance(m, _BNS) and plain_forward(m):
+            return (lambda: bn_from_module(m)), type(m).__name__, node.args[0]
+    if node.op == "call_function" and node.target in (F.batch_norm, torch.batch_norm) and node.args \
+            and isinstance(node.args[0], fx.Node):
+        return (lambda: _bn_function(node)[0]), "batch_norm", node.args[0]
+    return None
+
+
+def conv_of(node: fx.Node, gm: Workspace) -> core.Conv | None:
+    """The core conv of a standard conv/Linear module call or a functional conv on stored tensors."""
+    try:
+        if node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
+            m = gm.get_submodule(node.target)
+            if isinstance(m, (*_CONVS, nn.Linear)) and not m.training:
+                return conv_from_module(m)
+        if node.op == "call_function" and node.target in _CONV_FUNCS:
+            return _conv_function(node, _CONV_FUNCS[node.target])[0]
+    except NotFusable:
+        return None
+    return None
+
+
+def _weight_of(node: fx.Node, gm: Workspace) -> torch.Tensor:
+    if node.op == "call_module":
+        return gm.get_submodule(node.target).weight
+    return node.args[1].meta["constant"] if len(node.args) > 1 else node.kwargs["weight"].meta["constant"]
+
+
+def _new_conv(conv: core.Conv, like: torch.Tensor) -> nn.Module:
+    """A fresh conv/Linear module computing ``conv``, in ``like``'s dtype, device and memory format."""
+    m = to_module(conv, dtype=like.dtype, device=like.device)
+    layout = _layout(like)
+    if layout is not torch.contiguous_format:
+        target = getattr(m, "conv", m)
+        target.weight = nn.Parameter(target.weight.detach().contiguous(memory_format=layout))
+    return m
+
+
+def _affine(parts: list[tuple[int, core.Affine | None]]) -> core.Affine:
+    """One per-channel affine from consecutive channel slices, each its own affine (None: identity)."""
+    scale, shift = [], []
+    for n, aff in parts:
+        scale.append(np.ones(n) if aff is None else aff.scale_for(n))
+        shift.append(np.zeros(n) if aff is None else aff.shift_for(n))
+    return core.Affine(np.concatenate(scale), np.concatenate(shift))
+
+
+class _Fold:
+    """One application of a rule: modules to add, nodes to replace, BNs to drop, and the checks."""
+
+    def __init__(self, gm: Workspace, rw: Rewrite, report: FuseReport, prefix: str, bn: fx.Node) -> None:
+        self.gm, self.rw, self.report, self.prefix, self.bn = gm, rw, report, prefix, bn
+        self.id = f"{prefix}fold:{bn.name}"
+
+    def call(self, nodes: list[fx.Node], module: nn.Module, arg: fx.Node, before: fx.Node) -> fx.Node:
+        """A call of ``module`` on ``arg``, inserted before ``before``, named after ``nodes``."""
+        name = self.rw.add_module(self.gm, nodes, module)
+        with self.gm.graph.inserting_before(before):
+            return self.gm.graph.call_module(name, (arg,))
+
+    def replace(self, old: fx.Node, new: fx.Node) -> None:
+        self.rw.origin[new.name] = self.rw.source_of(old)
+        old.replace_all_uses_with(new)
+
+    def drop_bn(self, into: fx.Node) -> None:
+        """The BN's readers read ``into`` instead (which already computes the BN's value)."""
+        redirect_metadata([self.bn], into)
+        self.bn.replace_all_uses_with(into)
+        self.gm.graph.erase_node(self.bn)
+
+    def check(self, inputs: list[fx.Node], output: fx.Node, run: Callable) -> None:
+        self.rw.parts.append(Part(self.id, [self.rw.source_of(i) for i in inputs], self.rw.source_of(output), run))
+
+    def done(self, ops: list[str], convs: int) -> None:
+        self.report.regions.append(RegionReport(self.prefix + self.bn.name, ops, convs, convs))
+
+
+def _erase_if_unused(gm: Workspace, *nodes: fx.Node) -> None:
+    for n in nodes:
+        if not n.users:
+            gm.graph.erase_node(n)
+
+
+# ------------------------------------------------------------------------------------ opaque convs
+
+
+class _Calls(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, tuple, object]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.calls.append((func.overloadpacket.__name__, tuple(args), out))
+        return out
+
+
+def _same(a: object, b: torch.Tensor | None) -> bool:
+    if b is None or not isinstance(a, torch.Tensor):
+        return a is None and b is None
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+
+
+def probe_conv(m: nn.Module) -> str | None:
+    """None when ``m``'s forward is one convolution with ``m.weight`` and ``m.bias`` whose result it
+    returns (so BN folds into those tensors exactly); else why not.  Runs ``m`` on two small inputs."""
+    w, b = m.weight, m.bias
+    nd = w.dim() - 2
+    k, s, d = m.kernel_size, m.stride, m.dilation
+    for extra in (3, 4):
+        size = [(k[i] - 1) * d[i] + 1 + 2 * s[i] + extra for i in range(nd)]
+        x = torch.randn(1, m.in_channels, *size, dtype=w.dtype, device=w.device)
+        rec = _Calls()
+        try:
+            with torch.no_grad(), rec:
+                y = m(x)
+        except Exception as err:
+            return f"it failed on a probe input ({brief(err)})"
+        convs = [c for c in rec.calls if c[0] in ("convolution", "_convolution", "conv1d", "conv2d", "conv3d")]
+        if len(convs) != 1:
+            return f"its forward runs {len(convs)} convolutions"
+        _, args, out = convs[0]
+        if not _same(args[1], w) or not _same(args[2] if len(args) > 2 else None, b):
+            return "its convolution does not use the module's own weight and bias"
+        if len(args) > 6 and args[6]:
+            return "its convolution is transposed"
+        readers = [c for c in rec.calls if c is not convs[0]
+                   and any(isinstance(a, torch.Tensor) and (_same(a, w) or (b is not None and _same(a, b)))
+                           for a in c[1])]
+        if readers:
+            return f"it reads its weight in a {readers[0][0]} op too"
+        if not _same(y, out):
+            return "it changes the convolution's result before returning it"
+    return None
+
+
+def fold_into_opaque_convs(gm: Workspace, report: FuseReport, rw: Rewrite, prefix: str = "") -> int:
+    """A transposed conv, or a conv subclass whose forward is not a standard conv, followed by a BN."""
+    done = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module":
+            continue
+        m = gm.get_submodule(node.target)
+        transposed = isinstance(m, _CONV_TRANSPOSES) and plain_forward(m)
+        custom = isinstance(m, _CONVS) and not plain_forward(m)
+        readers = data_users(node)
+        if not (transposed or custom) or m._forward_hooks or m._forward_pre_hooks or m.training \
+                or len(readers) != 1:
+            continue
+        found = bn_of(readers[0], gm)
+        if found is None or found[2] is not node:
+            continue
+        read_bn, label, _ = found
+        fold = _Fold(gm, rw, report, prefix, readers[0])
+        if fold.id in rw.skip:
+            continue
+        try:
+            new = _folded_transpose(m, read_bn()) if transposed else _folded_custom(m, read_bn())
+        except NotFusable as err:
+            rw.reasons[readers[0].name] = (f"{node.target} ({type(m).__name__}): {err}", "not-foldable")
+            continue
+        out = fold.call([node], new, node.args[0], readers[0])
+        redirect_metadata([node], out)
+        fold.replace(node, out)
+        fold.drop_bn(out)
+        gm.graph.erase_node(node)
+        fold.check([out.args[0]], readers[0], lambda v, new=new: new(v[0]))
+        fold.done([type(m).__name__, label], 1)
+        done += 1
+    return done
+
+
+def _folded_transpose(ct: nn.Module, bn: core.BatchNorm) -> nn.Module:
+    folded = core.fold_bn_transpose(core.ConvTranspose(to_numpy(ct.weight), to_numpy(ct.bias), groups=ct.groups), bn)
+    new = type(ct)(ct.in_channels, ct.out_channels, ct.kernel_size, ct.stride, ct.padding, ct.output_padding,
+                   ct.groups, True, ct.dilation, ct.padding_mode, device="meta")
+    new.weight = nn.Parameter(to_tensor(folded.weight, ct.weight))
+    new.bias = nn.Parameter(to_tensor(folded.bias, ct.weight, what="fused bias"))
+    return new
+
+
+def _folded_custom(m: nn.Module, bn: core.BatchNorm) -> nn.Module:
+    why = probe_conv(m)
+    if why is not None:
+        raise NotFusable(f"its forward is not a plain conv, and it cannot be shown to be one: {why}")
+    folded = core.fold_bn(core.Conv(to_numpy(m.weight), to_numpy(m.bias), groups=m.groups), bn)
+    new = safe_deepcopy(m)
+    new.weight = nn.Parameter(to_tensor(folded.weight, m.weight).contiguous(memory_format=_layout(m.weight)))
+    new.bias = nn.Parameter(to_tensor(folded.bias, m.weight, what="fused bias"))
+    why = probe_conv(new)
+    if why is not None:
+        raise NotFusable(f"with a folded bias, {why}")
+    return new
+
+
+# ------------------------------------------------------------------------------- through a reshape
+
+_RESHAPES = {("call_method", "view"), ("call_method", "reshape"), ("call_method", "flatten"),
+             ("call_function", torch.flatten), ("call_function", torch.reshape)}
+
+
+def fold_through_reshape(gm: Workspace, ranks: dict[fx.Node, int], report: FuseReport, rw: Rewrite,
+                         prefix: str = "") -> int:
+    """``bn(linear(x).flatten(0, 1))``: a row-major reshape of a Linear's output to ``[M, C]`` keeps its last
+    dim as the 2-D BN's channels, so the BN folds into the Linear."""
+    done = 0
+    for node in list(gm.graph.nodes):
+        found = bn_of(node, gm)
+        if found is None:
+            continue
+        read_bn, label, shaped = found
+        if (shaped.op, shaped.target) not in _RESHAPES or len(data_users(shaped)) != 1:
+            continue
+        lin = shaped.args[0]
+        if not isinstance(lin, fx.Node) or lin.op != "call_module" or len(data_users(lin)) != 1:
+            continue
+        m = gm.get_submodule(lin.target)
+        conv = conv_of(lin, gm)
+        if not isinstance(m, nn.Linear) or conv is None:
+            continue
+        fold = _Fold(gm, rw, report, prefix, node)
+        if fold.id in rw.skip:
+            continue
+        if ranks.get(shaped) != 2:
+            rw.reasons[node.name] = ("it reads a reshape of a Linear's output whose rank is not known to be 2 "
+                                     "(pass example_inputs)", "needs-shapes")
+            continue
+        try:
+            new = _new_conv(core.fold_bn(conv, read_bn()), m.weight)
+        except NotFusable as err:
+            rw.reasons[node.name] = (str(err), "algebra")
+            continue
+        out = fold.call([lin, node], new, lin.args[0], lin)
+        redirect_metadata([lin], out)
+        fold.replace(lin, out)
+        fold.drop_bn(shaped)
+        gm.graph.erase_node(lin)
+        channels = m.out_features
+        fold.check([out.args[0]], node, lambda v, new=new, c=channels: new(v[0]).reshape(-1, c))
+        fold.done([type(m).__name__, str(shaped.target), label], 1)
+        done += 1
+    return done
+
+
+# ----------------------------------------------------------------------------- concat and slices
+
+
+def _channel_dim(node: fx.Node, i: int, name: str, default: int, rank: int | None) -> int | None:
+    dim = node.kwargs.get(name, node.args[i] if len(node.args) > i else default)
+    if not isinstance(dim, int):
+        return None
+    if dim < 0:
+        return None if rank is None else dim + rank
+    return dim
+
+
+def fold_after_concat(gm: Workspace, ranks: dict[fx.Node, int], report: FuseReport, rw: Rewrite,
+                      prefix: str = "") -> int:
+    """``bn(cat([conv_a(x0), conv_b(x1), ...], 1))``: each conv, read by the concat alone, takes its slice."""
+    done = 0
+    for node in list(gm.graph.nodes):
+        found = bn_of(node, gm)
+        if found is None:
+            continue
+        read_bn, label, cat = found
+        if cat.op != "call_function" or cat.target not in (torch.cat, torch.concat) or len(data_users(cat)) != 1:
+            continue
+        parts = cat.args[0] if cat.args else cat.kwargs.get("tensors")
+        rank = ranks.get(cat)
+        if _channel_dim(cat, 1, "dim", 0, rank) != 1 or not isinstance(parts, (list, tuple)) \
+                or len(set(parts)) != len(parts):
+            continue
+        convs = [conv_of(p, gm) if isinstance(p, fx.Node) and len(data_users(p)) == 1 else None for p in parts]
+        if any(c is None for c in convs) or any(c.ndim + 2 != (rank or 0) for c in convs):
+            continue
+        fold = _Fold(gm, rw, report, prefix, node)
+        if fold.id in rw.skip:
+            continue
+        try:
+            bn = read_bn()
+            if bn.channels != sum(c.out_channels for c in convs):
+                continue
+            aff, start, news = bn.to_affine(), 0, []
+            for c in convs:
+                n = c.out_channels
+                news.append(core.fold_bn(c, core.Affine(aff.scale[start:start + n], aff.shift[start:start + n])))
+                start += n
+        except NotFusable as err:
+            rw.reasons[node.name] = (str(err), "algebra")
+            continue
+        modules = []
+        for p, c in zip(parts, news):
+            mod = _new_conv(c, _weight_of(p, gm))
+            out = fold.call([p, node], mod, p.args[0], p)
+            redirect_metadata([p], out)
+            fold.replace(p, out)
+            gm.graph.erase_node(p)
+            modules.append((mod, out))
+        fold.drop_bn(cat)
+        fold.check([o.args[0] for _, o in modules], node,
+                   lambda v, ms=[m for m, _ in modules]: torch.cat([m(x) for m, x in zip(ms, v)], 1))
+        fold.done(["cat", label], len(parts))
+        done += 1
+    return done
+
+
+def _slice_sizes(split: fx.Node, channels: int) -> list[int] | None:
+    """Channel counts of the pieces of a ``split``/``chunk`` along dim 1."""
+    if split.op == "call_method":
+        name = split.target
+    elif split.target in (torch.split, torch.chunk):
+        name = split.target.__name__
+    else:
+        return None
+    arg = split.kwargs.get("split_size_or_sections" if name == "split" else "chunks",
+                           split.kwargs.get("split_size", split.args[1] if len(split.args) > 1 else None))
+    if name == "split":
+        if isinstance(arg, int) and arg > 0:
+            sizes = [arg] * (channels // arg) + ([channels % arg] if channels % arg else [])
+        elif isinstance(arg, (list, tuple)) and all(isinstance(a, int) for a in arg):
+            sizes = list(arg)
+        else:
+            return None
+    elif name == "chunk" and isinstance(arg, int) and arg > 0:
+        size = -(-channels // arg)
+        sizes = [size] * (channels // size) + ([channels % size] if channels % size else [])
+    else:
+        return None
+    return sizes if sum(sizes) == channels else None
+
+
+def fold_on_slices(gm: Workspace, ranks: dict[fx.Node, int], report: FuseReport, rw: Rewrite,
+                   prefix: str = "") -> int:
+    """``a, b = conv(x).chunk(2, 1)`` (or ``split``) with a BN on some pieces: the conv takes them all."""
+    done = 0
+    for node in list(gm.graph.nodes):
+        conv = conv_of(node, gm)
+        readers = data_users(node)
+        if conv is None or len(readers) != 1 or not conv.ndim:
+            continue
+        split = readers[0]
+        if not ((split.op == "call_method" and split.target in ("split", "chunk"))
+                or (split.op == "call_function" and split.target in (torch.split, torch.chunk))):
+            continue
+        sizes = _slice_sizes(split, conv.out_channels)
+        name = "dim"
+        if sizes is None or _channel_dim(split, 2, name, 0, ranks.get(node)) != 1 or ranks.get(node) != conv.ndim + 2:
+            continue
+        pieces: dict[int, tuple[fx.Node, fx.Node, BnRead, str]] = {}
+        for g in list(split.users):
+            if g.op != "call_function" or g.target is not operator.getitem or not isinstance(g.args[1], int):
+                pieces = {}
+                break
+            users = data_users(g)
+            found = bn_of(users[0], gm) if len(users) == 1 else None
+            if found is not None and found[2] is g:
+                pieces[g.args[1] % len(sizes)] = (g, users[0], found[0], found[1])
+        if not pieces:
+            continue
+        first_bn = pieces[min(pieces)][1]
+        fold = _Fold(gm, rw, report, prefix, first_bn)
+        if fold.id in rw.skip:
+            continue
+        try:
+            affs = [(n, pieces[i][2]().to_affine() if i in pieces else None) for i, n in enumerate(sizes)]
+            new = _new_conv(core.fold_bn(conv, _affine(affs)), _weight_of(node, gm))
+        except NotFusable as err:
+            rw.reasons[first_bn.name] = (str(err), "algebra")
+            continue
+        out = fold.call([node, first_bn], new, node.args[0], node)
+        redirect_metadata([node], out)
+        fold.replace(node, out)
+        gm.graph.erase_node(node)
+        starts = np.cumsum([0, *sizes])
+        for i, (g, bn_node, _, _) in pieces.items():
+            redirect_metadata([bn_node], g)
+            bn_node.replace_all_uses_with(g)
+            gm.graph.erase_node(bn_node)
+            fold.check([out.args[0]], bn_node, lambda v, new=new, a=int(starts[i]), b=int(starts[i + 1]):
+                       new(v[0])[:, a:b])
+        fold.done([type(new).__name__, str(split.target), *(p[3] for p in pieces.values())], 1)
+        done += 1
+    return done
+
+
+# --------------------------------------------------------------------------------------- forward
+
+
+def fold_forward(gm: Workspace, ranks: dict[fx.Node, int], report: FuseReport, rw: Rewrite,
+                 prefix: str = "") -> int:
+    """A BN read by several convs or Linears that do not pad: each one absorbs it (``conv(bn(x))`` is one
+    conv), so the BN is gone.  A BN read by one conv is the region collapse's job, as is a BN right after a
+    conv it folds into."""
+    done = 0
+    for node in list(gm.graph.nodes):
+        found = bn_of(node, gm)
+        if found is None:
+            continue
+        read_bn, label, src = found
+        readers = data_users(node)
+        if len(readers) < 2 or (conv_of(src, gm) is not None and len(data_users(src)) == 1):
+            continue
+        convs = [conv_of(u, gm) if u.args and u.args[0] is node and _reads_once(u, node) else None for u in readers]
+        if any(c is None for c in convs):
+            continue
+        rank = ranks.get(src)
+        if any(rank is None or c.ndim + 2 != rank for c in convs):
+            rw.reasons.setdefault(node.name, ("its readers are convs or Linears, but the rank of its input is not "
+                                              "known to match theirs (pass example_inputs)", "needs-shapes"))
+            continue
+        fold = _Fold(gm, rw, report, prefix, node)
+        if fold.id in rw.skip:
+            continue
+        writer = _overwritten(src, node, readers, gm)
+        if writer is not None:
+            rw.reasons[node.name] = (f"{writer.name} overwrites its input in place before its readers run", "algebra")
+            continue
+        try:
+            bn = read_bn()
+            news = [core.fold_bn_input(bn, c) for c in convs]
+        except NotFusable as err:
+            rw.reasons[node.name] = (f"it feeds several convs and one cannot absorb it: {err}", "padded-conv"
+                                     if "pads" in str(err) else "algebra")
+            continue
+        for u, c in zip(readers, news):
+            mod = _new_conv(c, _weight_of(u, gm))
+            out = fold.call([u], mod, src, u)
+            redirect_metadata([u], out)
+            fold.check([src], u, lambda v, mod=mod: mod(v[0]))
+            fold.replace(u, out)
+            gm.graph.erase_node(u)
+        if metadata_users(node):
+            redirect_metadata([node], src)
+        gm.graph.erase_node(node)
+        fold.done([label, *(f"{len(readers)} convs",)], len(readers))
+        done += 1
+    return done
+
+
+def _overwritten(src: fx.Node, start: fx.Node, readers: list[fx.Node], gm: Workspace) -> fx.Node | None:
+    """A node after ``start`` and before the last of ``readers`` that writes ``src`` in place (moving the
+    readers' reads of ``src`` past it would change what they read)."""
+    last = max(readers, key=_position)
+    for user in src.users:
+        if _mutates(user, gm) is src and _position(start) < _position(user) < _position(last):
+            return user
+    return None
+
+
+def _position(node: fx.Node) -> int:
+    pos = node.meta.get("_position")
+    if pos is None:
+        for k, n in enumerate(node.graph.nodes):
+            n.meta["_position"] = k
+        pos = node.meta["_position"]
+    return pos
+
+
+def _reads_once(user: fx.Node, node: fx.Node) -> bool:
+    found: list[fx.Node] = []
+    fx.node.map_arg((user.args, user.kwargs), lambda a: found.append(a) if a is node else None)
+    return len(found) == 1
+
+
+def apply_folds(gm: Workspace, ranks: dict[fx.Node, int], report: FuseReport, rw: Rewrite, prefix: str = "") -> int:
+    """Every rule of this module, in an order where each leaves the others' patterns intact."""
+    return (fold_into_opaque_convs(gm, report, rw, prefix) + fold_through_reshape(gm, ranks, report, rw, prefix)
+            + fold_after_concat(gm, ranks, report, rw, prefix) + fold_on_slices(gm, ranks, report, rw, prefix)
+            + fold_forward(gm, ranks, report, rw, prefix))
+
+
+__all__ = ["apply_folds", "bn_of", "conv_of", "fold_after_concat", "fold_forward", "fold_into_opaque_convs",
+           "fold_on_slices", "fold_through_reshape", "probe_conv"]
