@@ -218,7 +218,7 @@ def to_module(conv: core.Conv, *, dtype=torch.float32, device="cpu", checked: bo
     target.weight = nn.Parameter(weight)
     if bias is not None:
         target.bias = nn.Parameter(bias)
-    return m
+    return m.eval()
 
 
 def load_conv_(module: nn.Module, conv: core.Conv) -> None:

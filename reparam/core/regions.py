@@ -258,8 +258,8 @@ class _Planner:
             return self._add(ins, op)
         (v,) = ins
         if len(v.terms) > 1 and self.current in self.split and not isinstance(op, Identity):
-            raise NotFusable(f"folding this op into a sum of {len(v.terms)} sources would repeat it for each "
-                             "source without removing it")
+            raise NotFusable(f"its input is a sum of {len(v.terms)} values (such as a residual add): folding it in "
+                             "would run it once per summand instead of once")
         if isinstance(op, Identity):
             return v
         if isinstance(op, BatchNorm):

@@ -23,7 +23,7 @@ from .facts import fold_constants, infer_ranks
 from .folds import apply_folds
 from .leftovers import Explainer
 from .report import FuseReport
-from .rewrite import Part, Rewrite, apply_plan, drop_identities
+from .rewrite import Part, Rewrite, apply_plan, drop_identities, reorder
 from .tracing import brief, frozen_training_state, safe_deepcopy, trace
 from .translate import translate
 from .workspace import Workspace, attr_at
@@ -134,6 +134,7 @@ def _fuse_traced(ws: Workspace, prefix: str, opts: Options, out: Build, copy_ori
     out.levels.append(Level(path, traced, rw.parts))
     if not changed:
         return None
+    reorder(ws.graph)
     ws.graph.lint()
     gm = ws.graph_module()
     if copy_originals:

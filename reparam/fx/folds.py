@@ -121,7 +121,9 @@ class _Fold:
         old.replace_all_uses_with(new)
 
     def drop_bn(self, into: fx.Node) -> None:
-        """The BN's readers read ``into`` instead (which already computes the BN's value)."""
+        """The BN's readers read ``into`` instead (which now computes the BN's value: checks of later parts
+        that read ``into`` take the BN's traced value)."""
+        self.rw.origin[into.name] = self.rw.source_of(self.bn)
         redirect_metadata([self.bn], into)
         self.bn.replace_all_uses_with(into)
         self.gm.graph.erase_node(self.bn)
@@ -431,6 +433,7 @@ def fold_on_slices(gm: Workspace, ranks: dict[fx.Node, int], report: FuseReport,
         gm.graph.erase_node(node)
         starts = np.cumsum([0, *sizes])
         for i, (g, bn_node, _, _) in pieces.items():
+            rw.origin[g.name] = rw.source_of(bn_node)
             redirect_metadata([bn_node], g)
             bn_node.replace_all_uses_with(g)
             gm.graph.erase_node(bn_node)

@@ -23,7 +23,7 @@ def _kind(reason: str) -> str:
         return "needs-shapes"
     if "pads" in text and ("bias" in text or "border" in text):
         return "padded-conv"
-    if "macs" in text or "would run" in text or "conv of its own" in text:
+    if "macs" in text or "would run" in text or "conv of its own" in text or "once per summand" in text:
         return "costlier"
     if any(w in text for w in ("training", "running statistics", "hooks", "overrides forward", "not a plain conv",
                                "computed at run time", "promotes")):

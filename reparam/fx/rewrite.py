@@ -208,6 +208,43 @@ def apply_plan(gm: Workspace, plan: core.Plan, lg: core.LinearGraph, report: Fus
     return done
 
 
+def reorder(graph: fx.Graph) -> None:
+    """Restore topological order after reads were pointed at values defined later (a metadata read of an
+    erased value now reads the value that replaces it): each node moves down past what it reads, the rest
+    keeps its order."""
+    placed: set[fx.Node] = set()
+    waiting: list[fx.Node] = []
+    order: list[fx.Node] = []
+
+    def ready(n: fx.Node) -> bool:
+        return all(a in placed for a in n.all_input_nodes)
+
+    for node in graph.nodes:
+        if not ready(node):
+            waiting.append(node)
+            continue
+        order.append(node)
+        placed.add(node)
+        progress = True
+        while progress and waiting:
+            progress = False
+            for w in list(waiting):
+                if ready(w):
+                    waiting.remove(w)
+                    order.append(w)
+                    placed.add(w)
+                    progress = True
+    if len(order) == len(placed) and not waiting and any(a is not b for a, b in zip(order, graph.nodes)):
+        output = next(n for n in order if n.op == "output")
+        order.remove(output)
+        order.append(output)
+        prev = graph._root
+        for n in order:
+            if n.prev is not prev:
+                prev.append(n)
+            prev = n
+
+
 def _summing(modules: list[nn.Module | None]) -> Callable[[list[torch.Tensor]], torch.Tensor]:
     """Runs what a region became: the sum over its terms of each module (or identity) on its source."""
     def run(values: list[torch.Tensor]) -> torch.Tensor:

@@ -48,6 +48,7 @@ class ReparamTracer(fx.Tracer):
     def __init__(self) -> None:
         super().__init__()
         self.opaque: dict[str, str] = {}  # module path -> why its forward could not be traced
+        self.saved: State = {}  # the modules' plain state before tracing (forward code may cache proxies in it)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _InplaceProxy(node, self)
@@ -73,6 +74,7 @@ class ReparamTracer(fx.Tracer):
             with _no_input_check(m) if isinstance(m, _BNS) else contextlib.nullcontext():
                 return super().call_module(m, forward, args, kwargs)
         except Exception as err:  # fx raises many types for untraceable code
+            restore(self.saved, m)  # what the attempt cached refers to nodes about to be erased
             while self.graph._root.prev is not last:
                 self.graph.erase_node(self.graph._root.prev)
             self.module_stack.clear()
@@ -81,6 +83,46 @@ class ReparamTracer(fx.Tracer):
             self.num_calls.update(calls)
             self.opaque[qualname] = brief(err)
             return super().call_module(m, forward, args, kwargs)
+
+
+State = dict[int, tuple[nn.Module, dict, dict]]
+_INTERNALS = {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_forward_hooks",
+              "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+              "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+              "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"}
+
+
+def snapshot(root: nn.Module) -> State:
+    """Every module's plain attributes, with a copy of each dict, list or set among them."""
+    out: State = {}
+    for m in root.modules():
+        attrs = {k: v for k, v in vars(m).items() if k not in _INTERNALS}
+        contents = {k: copy.copy(v) for k, v in attrs.items() if type(v) in (dict, list, set)}
+        out[id(m)] = (m, attrs, contents)
+    return out
+
+
+def restore(saved: State, root: nn.Module) -> None:
+    """Put back the plain attributes of ``root``'s modules as ``saved`` holds them: tracing runs forward code
+    that may store proxies in them (a cache dict filled on first call) or add attributes."""
+    for m in root.modules():
+        entry = saved.get(id(m))
+        if entry is None:
+            continue
+        _, attrs, contents = entry
+        for k in [k for k in vars(m) if k not in _INTERNALS and k not in attrs]:
+            del m.__dict__[k]
+        for k, v in attrs.items():
+            m.__dict__[k] = v
+            if k in contents:
+                if isinstance(v, dict):
+                    v.clear()
+                    v.update(contents[k])
+                elif isinstance(v, list):
+                    v[:] = contents[k]
+                else:
+                    v.clear()
+                    v.update(contents[k])
 
 
 def brief(err: BaseException) -> str:
@@ -103,12 +145,14 @@ def trace(module: nn.Module) -> Workspace:
     cannot be traced.  Submodules that cannot be traced are leaves, listed in the workspace's ``opaque``."""
     tracer = ReparamTracer()
     before = set(vars(module))
+    tracer.saved = snapshot(module)
     try:
         graph = tracer.trace(module)
     finally:
         # fx stores tensors the code reads from outside the module (globals) on the module itself as
         # ``_tensor_constant<i>``: take them back off the model, the workspace holds them
         added = {k: vars(module).pop(k) for k in set(vars(module)) - before}
+        restore(tracer.saved, module)
     name = module.__class__.__name__ if isinstance(module, nn.Module) else "Module"
     ws = Workspace(tracer.root, graph, name)
     ws.opaque = tracer.opaque
