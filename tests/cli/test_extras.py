@@ -61,15 +61,39 @@ def test_the_blocker_hides_what_it_should(tmp_path):
     assert "ModuleNotFoundError: No module named 'torch'" in proc.stderr
 
 
+def _conv_bn_model(path: Path) -> None:
+    """A two-branch conv+BN graph (the demo's --onnx half needs no torch, so this runs in a second)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in [
+        ("w3", rng.standard_normal((4, 4, 3, 3))), ("w1", rng.standard_normal((4, 4, 1, 1))),
+        ("g", rng.random(4) + 0.5), ("b", rng.standard_normal(4)), ("m", rng.standard_normal(4)),
+        ("v", rng.random(4) + 0.5)]]
+    nodes = [helper.make_node("Conv", ["x", "w3"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["a", "g", "b", "m", "v"], ["an"]),
+             helper.make_node("Conv", ["x", "w1"], ["c"]),
+             helper.make_node("Add", ["an", "c"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
 def test_demo_without_matplotlib_skips_the_chart(tmp_path):
+    """Also: ``demo --onnx`` runs with only the onnx extra (torch hidden too)."""
+    _conv_bn_model(tmp_path / "m.onnx")
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "reparam", "demo", "--model", "repghostnet_0_5x", "--image-size", "32",
-            "--train-steps", "1", "--repeats", "1", "--out", str(out)]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env=_env(["matplotlib"]), cwd=tmp_path)
+    args = [sys.executable, "-m", "reparam", "demo", "--onnx", str(tmp_path / "m.onnx"), "--repeats", "1",
+            "--out", str(out)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env=_env(["matplotlib", "torch"]),
+                          cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert 'chart skipped: matplotlib is not installed (pip install "reparam[bench]" adds it)' in proc.stdout
     assert (out / "demo.json").is_file() and not (out / "demo.png").exists()
     assert "Traceback" not in proc.stderr
+    assert json.loads((out / "demo.json").read_text())["onnx"]["regions"] == 1
 
 
 def test_missing_extra_is_an_import_error_naming_the_module():
