@@ -110,6 +110,7 @@ def _unavailable(name: str) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``reparam ARGV`` (default ``sys.argv[1:]``) and return its exit status (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     wanted = next((a for a in argv if not a.startswith("-")), None)
     if wanted in COMMANDS:

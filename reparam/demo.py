@@ -36,6 +36,7 @@ skipped without it."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``reparam demo`` to the ``reparam`` command."""
     p = sub.add_parser("demo", help="fuse a zoo model with both frontends, verify, time and chart it",
                        description=DESCRIPTION)
     p.add_argument("--model", default="repghostnet_1_0x", metavar="NAME",
@@ -89,6 +90,7 @@ class _Step:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the demo; exit status 0 if both fused models match the original within :data:`TOLERANCE`."""
     if args.onnx:
         require("onnx", feature="reparam demo --onnx")
     else:
