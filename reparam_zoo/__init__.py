@@ -10,6 +10,10 @@ checkpoint loader for the reference implementation's weights.
 
 from __future__ import annotations
 
+from reparam._extras import require
+
+require("torch", feature="reparam_zoo")
+
 from .checkpoint import CheckpointError, LoadResult, extract_state_dict, load_checkpoint
 from .conversion import convert, convert_
 from .ghostnet import (
@@ -22,7 +26,7 @@ from .ghostnet import (
     ghostnet_1_3x,
 )
 from .layers import SqueezeExcite, hard_sigmoid, make_divisible
-from .profiling import count_params, format_count, profile, profile_table
+from .profiling import MacCount, count_macs, count_params, format_count, profile, profile_table
 from .registry import create_model, list_models, register_model
 from .repghost import (
     REPARAM_BRANCHES,
@@ -48,12 +52,14 @@ __all__ = [
     "GhostModule",
     "GhostNet",
     "LoadResult",
+    "MacCount",
     "RepGhostBottleneck",
     "RepGhostModule",
     "RepGhostNet",
     "SqueezeExcite",
     "convert",
     "convert_",
+    "count_macs",
     "count_params",
     "create_model",
     "extract_state_dict",

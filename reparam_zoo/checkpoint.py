@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -81,6 +82,11 @@ def load_checkpoint(
 
     With ``strict`` any missing key, unexpected key or shape mismatch raises :class:`CheckpointError`;
     otherwise matching entries are loaded and the leftovers returned.  Shape mismatches always raise.
+
+    A deploy-form model (``deploy=True``) also takes checkpoints that still have BatchNorm layers where
+    the deploy form has none, such as the output of the reference implementation's ``convert.py`` (it fuses
+    only the cheap operations and keeps 48 BN): those BN are folded into their convs while loading.  Into
+    a training-form model such a checkpoint raises, saying to use ``deploy=True``.
     """
     if isinstance(path_or_dict, (str, os.PathLike)):
         try:
@@ -98,7 +104,19 @@ def load_checkpoint(
     if ignore:
         state = {k: v for k, v in state.items() if not k.startswith(ignore)}
 
-    own = model.state_dict()
+    target = model
+    if getattr(model, "deploy", False):
+        # A deploy model whose checkpoint still has BatchNorm layers (the reference converter's output):
+        # load it into a copy with those slots restored, fold them with convert_, then copy the result.
+        target = _with_bn_slots(model, state) or model
+    elif (kept := _reference_converted(model, state)) is not None:
+        raise CheckpointError(
+            f"this checkpoint is the reference implementation's convert.py output: each RepGhost module's "
+            f"cheap operation is already fused with its re-parameterization branch (cheap_operation.weight and "
+            f".bias), while {kept} BatchNorm layers are kept, so it fits neither the training form nor our "
+            f"deploy layout as it is; build the model with deploy=True and load it there: load_checkpoint "
+            f"folds the {kept} remaining BatchNorm layers into their convs")
+    own = target.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
@@ -117,8 +135,71 @@ def load_checkpoint(
             parts.append(hint)
         raise CheckpointError("; ".join(parts))
 
-    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    target.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    if target is not model:
+        from .conversion import convert_
+
+        convert_(target)
+        model.load_state_dict(target.state_dict())
     return LoadResult(missing, unexpected)
+
+
+_BN_KEY = ".running_mean"
+_BRANCH_KEYS = (".fusion_bn.", ".fusion_conv.")
+
+
+def _key(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def _bias_free_like(conv: nn.Conv2d) -> nn.Conv2d:
+    return nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                     conv.dilation, conv.groups, bias=False, padding_mode=conv.padding_mode,
+                     device=conv.weight.device, dtype=conv.weight.dtype)
+
+
+def _with_bn_slots(model: nn.Module, state: Mapping[str, Any]) -> nn.Module | None:
+    """A copy of deploy-form ``model`` with a conv+BN pair wherever ``state`` still has that BN, or None.
+
+    Checkpoints that still carry re-parameterization branches (``fusion_bn``/``fusion_conv``) are left to
+    the usual hint: which branch kinds they had (an identity branch has no keys) cannot be read from them.
+    """
+    from .conversion import bn_slots
+    from .repghost import RepGhostModule
+
+    if any(marker in f".{k}" for k in state for marker in _BRANCH_KEYS):
+        return None
+    twin = copy.deepcopy(model)
+    restored = 0
+    for name, module in twin.named_modules():
+        for parent_path, conv_attr, bn_attr in bn_slots(module):
+            parent = module.get_submodule(parent_path) if parent_path else module
+            conv = getattr(parent, conv_attr)
+            bn_key = _key(name, parent_path, bn_attr) + _BN_KEY
+            if isinstance(getattr(parent, bn_attr), nn.Identity) and bn_key in state:
+                setattr(parent, conv_attr, _bias_free_like(conv))
+                setattr(parent, bn_attr, nn.BatchNorm2d(conv.out_channels, device=conv.weight.device,
+                                                        dtype=conv.weight.dtype))
+                restored += 1
+        if isinstance(module, RepGhostModule) and isinstance(module.cheap_operation, nn.Conv2d) \
+                and _key(name, "cheap_operation.1") + _BN_KEY in state:
+            dw = module.cheap_operation
+            module.cheap_operation = nn.Sequential(_bias_free_like(dw), nn.BatchNorm2d(
+                dw.out_channels, device=dw.weight.device, dtype=dw.weight.dtype))
+            restored += 1
+    return twin if restored else None
+
+
+def _reference_converted(model: nn.Module, state: Mapping[str, Any]) -> int | None:
+    """The number of BatchNorm layers kept if ``state`` is the reference converter's output for training-form
+    ``model`` (cheap operations fused into ``cheap_operation.weight``/``.bias``, no branches, BN elsewhere)."""
+    own = model.state_dict()
+    fused_cheap = [k for k in state if k.endswith(".cheap_operation.weight")
+                   and k[: -len("weight")] + "0.weight" in own and k[: -len("weight")] + "bias" in state]
+    if not fused_cheap or any(marker in f".{k}" for k in state for marker in _BRANCH_KEYS):
+        return None
+    kept = sum(k.endswith(_BN_KEY) for k in state)
+    return kept or None
 
 
 def _form_hint(model: nn.Module, missing: list[str], unexpected: list[str]) -> str:

@@ -11,7 +11,6 @@ only decides which modules form which branches.  For arbitrary models use ``repa
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from typing import TypeVar
 
 from torch import nn
@@ -23,7 +22,7 @@ from .ghostnet import GhostBottleneck, GhostModule
 from .layers import ConvBnAct
 from .repghost import RepGhostBottleneck, RepGhostModule
 
-__all__ = ["convert", "convert_"]
+__all__ = ["bn_slots", "convert", "convert_"]
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -73,11 +72,30 @@ def _fold_pair(parent: nn.Module, conv_attr: str, bn_attr: str, where: str) -> l
     return [(parent, conv_attr, _to_conv_module(fused, conv)), (parent, bn_attr, nn.Identity())]
 
 
+def bn_slots(module: nn.Module) -> list[tuple[str, str, str]]:
+    """The conv+BN pairs a zoo block owns: ``(parent path relative to module, conv attr, BN attr)``.
+
+    A RepGhost module's cheap operation is not listed: it is a branch sum, see :func:`_repghost_module`.
+    """
+    if isinstance(module, RepGhostModule):
+        return [("primary_conv", "0", "1")]
+    if isinstance(module, GhostModule):
+        return [("primary_conv", "0", "1"), ("cheap_operation", "0", "1")]
+    if isinstance(module, (RepGhostBottleneck, GhostBottleneck)):
+        slots = [("", "conv_dw", "bn_dw")] if module.stride > 1 else []
+        return slots + ([("shortcut", "0", "1"), ("shortcut", "2", "3")] if len(module.shortcut) else [])
+    if isinstance(module, ConvBnAct):
+        return [("", "conv", "bn1")]
+    if isinstance(module, GhostFamilyNet):
+        return [("", "conv_stem", "bn1")]
+    return []
+
+
 def _repghost_module(m: RepGhostModule, where: str) -> list[_Edit]:
+    """The cheap depthwise conv+BN and the re-parameterization branches summed into one depthwise conv."""
     core, _, _ = _torch_ops()
-    edits = _fold_pair(m.primary_conv, "0", "1", f"{where}.primary_conv")
-    if m.deploy or isinstance(m.cheap_operation, nn.Conv2d):
-        return edits
+    if isinstance(m.cheap_operation, nn.Conv2d):  # already the deploy form
+        return []
     dw, dw_norm = m.cheap_operation[0], m.cheap_operation[1]
     if m.cheap_relu and len(m.fusion_conv):
         raise NotFusable(
@@ -91,33 +109,22 @@ def _repghost_module(m: RepGhostModule, where: str) -> list[_Edit]:
         fused = core.sum_branches(branches, m.out_channels, 2)
     except NotFusable as exc:
         raise NotFusable(f"{where}: {exc}") from exc
-    return [*edits, (m, "cheap_operation", _to_conv_module(fused, dw)),
+    return [(m, "cheap_operation", _to_conv_module(fused, dw)),
             (m, "fusion_conv", nn.Sequential()), (m, "fusion_bn", nn.Sequential())]
 
 
-def _ghost_module(m: GhostModule, where: str) -> list[_Edit]:
-    return (_fold_pair(m.primary_conv, "0", "1", f"{where}.primary_conv")
-            + _fold_pair(m.cheap_operation, "0", "1", f"{where}.cheap_operation"))
+_BLOCKS = (RepGhostModule, GhostModule, RepGhostBottleneck, GhostBottleneck, ConvBnAct, GhostFamilyNet)
 
 
-def _bottleneck(m: nn.Module, where: str) -> list[_Edit]:
+def _edits(module: nn.Module, name: str) -> list[_Edit]:
     edits: list[_Edit] = []
-    if m.stride > 1:
-        edits += _fold_pair(m, "conv_dw", "bn_dw", where)
-    if len(m.shortcut):
-        edits += _fold_pair(m.shortcut, "0", "1", f"{where}.shortcut")
-        edits += _fold_pair(m.shortcut, "2", "3", f"{where}.shortcut")
+    for parent_path, conv_attr, bn_attr in bn_slots(module):
+        parent = module.get_submodule(parent_path) if parent_path else module
+        where = ".".join(filter(None, [name, parent_path])) or "<model>"
+        edits += _fold_pair(parent, conv_attr, bn_attr, where)
+    if isinstance(module, RepGhostModule):
+        edits += _repghost_module(module, name)
     return edits
-
-
-_HANDLERS: list[tuple[type, Callable[[nn.Module, str], list[_Edit]]]] = [
-    (RepGhostModule, _repghost_module),
-    (GhostModule, _ghost_module),
-    (RepGhostBottleneck, _bottleneck),
-    (GhostBottleneck, _bottleneck),
-    (ConvBnAct, lambda m, where: _fold_pair(m, "conv", "bn1", where)),
-    (GhostFamilyNet, lambda m, where: _fold_pair(m, "conv_stem", "bn1", where or "<model>")),
-]
 
 
 def convert_(model: M) -> M:
@@ -133,11 +140,9 @@ def convert_(model: M) -> M:
     model.eval()  # fusion reads running statistics; make sure no frontend sees a training-mode BN
     try:
         for name, module in model.named_modules():
-            for kind, handler in _HANDLERS:
-                if isinstance(module, kind):
-                    edits += handler(module, name)
-                    converted.append(module)
-                    break
+            if isinstance(module, _BLOCKS):
+                edits += _edits(module, name)
+                converted.append(module)
     finally:
         model.train(was_training)
     if not converted:

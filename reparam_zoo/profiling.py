@@ -15,22 +15,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-__all__ = ["count_params", "format_count", "profile", "profile_table"]
+__all__ = ["MacCount", "count_macs", "count_params", "format_count", "profile", "profile_table"]
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
-def _conv_macs(module: nn.modules.conv._ConvNd, output: torch.Tensor) -> int:
-    per_output = module.in_channels // module.groups * math.prod(module.kernel_size)
-    return output.numel() * (per_output + (module.bias is not None))
+class MacCount(NamedTuple):
+    """MACs of one forward pass, split into the weights' share and the conv biases' (one per output element)."""
 
+    weights: int
+    biases: int
 
-def _linear_macs(module: nn.Linear, output: torch.Tensor) -> int:
-    return module.in_features * output.numel()
+    @property
+    def total(self) -> int:
+        return self.weights + self.biases
 
 
 def count_params(model: nn.Module) -> int:
@@ -39,27 +42,27 @@ def count_params(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def profile(
+def count_macs(
     model: nn.Module,
     input_size: Sequence[int] = (1, 3, 224, 224),
     inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
-) -> tuple[int, int]:
-    """Return ``(macs, params)`` of one forward pass in eval mode.
+) -> MacCount:
+    """MACs of one forward pass in eval mode, weights and conv biases apart (see :func:`profile`).
 
-    ``inputs`` (a tensor or a tuple of positional tensors) overrides the zero tensor of shape ``input_size``
-    created on the device and floating dtype of the model's first parameter.  The model's training flag is
-    restored afterwards.
+    The split says why folding raises the count: a folded BN's shift becomes a conv bias, which the
+    convention charges one MAC per output element, while the BN itself counts zero.
     """
-    total = 0
+    weights = biases = 0
 
     def hook(module: nn.Module, _inp: object, output: object) -> None:
-        nonlocal total
+        nonlocal weights, biases
         if not isinstance(output, torch.Tensor):
             return
         if isinstance(module, _CONV_TYPES):
-            total += _conv_macs(module, output)
+            weights += output.numel() * (module.in_channels // module.groups * math.prod(module.kernel_size))
+            biases += output.numel() * (module.bias is not None)
         elif isinstance(module, nn.Linear):
-            total += _linear_macs(module, output)
+            weights += module.in_features * output.numel()
 
     if inputs is None:
         ref = next((p for p in model.parameters() if p.is_floating_point()), None)
@@ -81,7 +84,21 @@ def profile(
         model.train(was_training)
         for h in handles:
             h.remove()
-    return total, count_params(model)
+    return MacCount(weights, biases)
+
+
+def profile(
+    model: nn.Module,
+    input_size: Sequence[int] = (1, 3, 224, 224),
+    inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+) -> tuple[int, int]:
+    """Return ``(macs, params)`` of one forward pass in eval mode.
+
+    ``inputs`` (a tensor or a tuple of positional tensors) overrides the zero tensor of shape ``input_size``
+    created on the device and floating dtype of the model's first parameter.  The model's training flag is
+    restored afterwards.
+    """
+    return count_macs(model, input_size, inputs).total, count_params(model)
 
 
 def format_count(n: int | float, unit: str = "M") -> str:

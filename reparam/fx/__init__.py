@@ -1,5 +1,9 @@
 """The torch.fx frontend: trace, translate to the core graph, collapse, rewrite."""
 
+from .._extras import require
+
+require("torch", feature="reparam.fx (reparam.fuse, reparam.verify)")
+
 from .api import fuse, verify
 from .report import FuseReport, RegionReport
 

@@ -13,6 +13,10 @@ The frontend only translates ONNX nodes into a :class:`reparam.core.LinearGraph`
 
 from __future__ import annotations
 
+from .._extras import require
+
+require("onnx", feature="reparam.onnx")
+
 from .check import CheckResult, OutputDiff, compare
 from .errors import OnnxCheckError, OnnxModelError
 from .io import load_model, save_model

@@ -73,6 +73,10 @@ def test_profile_table_and_cli(capsys: pytest.CaptureFixture[str]) -> None:
     assert profile_main(["repghostnet_0_5x", "--input-size", "224", "224"]) == 0
     out = capsys.readouterr().out
     assert "repghostnet_0_5x" in out and "43.32M" in out
-    assert profile_main(["no_such_model"]) == 1
+    assert profile_main(["no_such_model"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "unknown model(s) no_such_model" in err and "Traceback" not in err
+    assert err.startswith("usage: reparam profile") and "Traceback" not in err
+    assert err.splitlines()[-1] == ("reparam profile: error: unknown model(s) no_such_model; "
+                                    "`reparam profile --list` lists them")
+    assert profile_main(["--list"]) == 0
+    assert capsys.readouterr().out.split() == reparam_zoo.list_models()
