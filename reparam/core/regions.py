@@ -200,6 +200,11 @@ def _scaled(v: _Value, c: float) -> _Value:
     return _Value(terms, None if v.bias is None else v.bias * c, v.channels, v.ndim, v.priced, v.convs)
 
 
+def _weights(k: KernelSum) -> int:
+    """Weights a kernel stores in the model (a source's identity stores none)."""
+    return 0 if k.is_unit else int(k.geometry.weight.size)
+
+
 def _value_cost(v: _Value) -> float:
     return float(sum(macs_per_output(t.geometry) for t in v.terms.values()))
 
@@ -294,11 +299,16 @@ class _Planner:
         own_cost = macs_per_output(b) if key is not None else 0  # a pool or pad as a conv costs nothing itself
         before = _value_cost(v) * float(math.prod(b.stride)) + own_cost
         priced = {s: geo if t.is_unit else compose(t.geometry, geo, weights=False) for s, t in v.terms.items()}
-        costlier = sum(macs_per_output(t) for t in priced.values()) > before
+        stored = sum(_weights(t) for t in v.terms.values()) + (b.weight.size if key is not None else 0)
+        composed = sum(t.weight.size for s, t in priced.items() if not v.terms[s].is_unit or key is not None)
+        costlier = sum(macs_per_output(t) for t in priced.values()) > before or composed > stored
         if costlier and self.current in self.guarded:
             after = sum(macs_per_output(t) for t in priced.values())
-            raise NotFusable(f"composing would cost {after:.0f} MACs per output position instead of "
-                             f"{before:.0f} unfused (allow_costlier=True permits it)")
+            if after > before:
+                raise NotFusable(f"composing would cost {after:.0f} MACs per output position instead of "
+                                 f"{before:.0f} unfused (allow_costlier=True permits it)")
+            raise NotFusable(f"composing would store {composed} weights instead of {stored} (a pool or pad widens "
+                             "the kernel; allow_costlier=True permits it)")
         only_priced = costlier and self.current not in self.exact
         if only_priced:
             terms = {s: KernelSum.of(t) for s, t in priced.items()}
@@ -509,7 +519,9 @@ def plan(graph: LinearGraph, *, allow_costlier: bool = False) -> Plan:
         if overlap - forced:
             forced |= overlap
             continue
-        costly = [] if allow_costlier else [r for r in result.regions if _macs_after(r) > _original_cost(planner, r)]
+        costly = [] if allow_costlier else [r for r in result.regions if _macs_after(r) > _original_cost(planner, r)
+                                            or _macs_after(r) > _original_weights(graph, r)]  # MACs per
+        # output position of a kernel are its weight count: the second test is the weights stored
         unworthy = [r for r in result.regions if not r.worthwhile and len(r.nodes) > 1]
         bad = costly + unworthy
         if bad:
@@ -547,7 +559,15 @@ def _costlier(p: _Planner, r: Region) -> str | None:
     if after > before:
         return (f"collapsing it would cost {after:.0f} MACs per output position instead of {before:.0f} "
                 "(allow_costlier=True permits it)")
+    stored = _original_weights(p.g, r)
+    if after > stored:
+        return f"collapsing it would store {after:.0f} weights instead of {stored} (allow_costlier=True permits it)"
     return None
+
+
+def _original_weights(g: LinearGraph, r: Region) -> int:
+    """Weights the region's own convs store."""
+    return sum(int(g.nodes[n].op.weight.size) for n in r.nodes if isinstance(g.nodes[n].op, Conv))
 
 
 def collapse(graph: LinearGraph, exit: str, *, allow_costlier: bool = True) -> list[Term]:

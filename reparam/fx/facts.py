@@ -50,10 +50,14 @@ def metadata_kind(user: fx.Node, value: fx.Node) -> str | None:
         if user.target in _SHAPE_METHODS:
             return "shape"
         return None
-    if user.op == "call_method" and user.target == "type_as" and len(args) == 2 and args[1] is value \
+    if user.op == "call_method" and user.target in _OTHER_METHODS and len(args) == 2 and args[1] is value \
             and args[0] is not value:
-        return "rank"
+        return _OTHER_METHODS[user.target]
     return None
+
+
+# ``y.view_as(x)``: reads the shape of ``x`` (its second argument) only
+_OTHER_METHODS = {"type_as": "rank", "view_as": "shape", "reshape_as": "shape", "expand_as": "shape"}
 
 
 def _elsewhere(user: fx.Node, value: fx.Node, start: int) -> bool:

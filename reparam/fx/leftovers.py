@@ -95,12 +95,18 @@ class Explainer:
         for name in dict.fromkeys([*self.translated, *self.planned]):  # refused convs and sums, even if a
             lnode = self.lg.nodes.get(name)  # later region rewrote them: why they were not merged further
             if name in seen or lnode is None or (not isinstance(lnode.op, (core.Conv, core.Add)) \
-                    and not (lnode.op is None and name in self.translated)):
+                    and not (lnode.op is None and name in self.translated)) or not self._linked(lnode):
                 continue
             why = self._refusal(name)
             out.append(Leftover(self.prefix + where_of(lnode.payload), _label(lnode.payload, self.gm), why,
                                 _kind(why)))
         return out
+
+    def _linked(self, lnode: core.Node) -> bool:
+        """A linear op reads the node's value or feeds it: there was something to fuse it with."""
+        ins = [self.lg.nodes[i] for i in lnode.inputs]
+        outs = [self.lg.nodes[n.name] for n in data_users(lnode.payload) if n.name in self.lg.nodes]
+        return any(n.op is not None for n in ins + outs)
 
     def _candidate(self, node: fx.Node) -> str | None:
         """The op label of a fusion candidate still in the graph: a BN, a per-channel constant, or a conv or
@@ -113,7 +119,8 @@ class Explainer:
         if lnode is None or lnode.payload is not node:
             return None
         label = _label(node, self.gm)
-        if isinstance(lnode.op, core.Affine):
+        if isinstance(lnode.op, core.Affine) and any(isinstance(a, fx.Node) and "constant" in a.meta
+                                                     for a in node.args):  # a stored tensor, not a number
             return label
         if (lnode.op is None or isinstance(lnode.op, (core.Add, core.Conv))) and self._refusal(node.name):
             return label
