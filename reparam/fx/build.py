@@ -9,6 +9,7 @@ checking on example inputs undoes a part that fails (:mod:`.checks`).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,7 @@ from .facts import fold_constants, infer_ranks
 from .folds import apply_folds
 from .leftovers import Explainer
 from .report import FuseReport
-from .rewrite import Part, Rewrite, apply_plan, drop_identities, reorder
+from .rewrite import Part, Rewrite, apply_plan, drop_identities, reorder, store_constants
 from .tracing import brief, frozen_training_state, safe_deepcopy, trace
 from .translate import translate
 from .workspace import Workspace, attr_at
@@ -76,8 +77,7 @@ def build(model: nn.Module, opts: Options, *, copy_model: bool = True) -> Build:
         out.module = _fuse_children(root, "", opts, out)
         rep.counted_on = "module structure (adds only inside traced parts)"
     else:
-        rep.counts_before = static_counts(ws.graph_module())
-        ws.graph.owning_module = None
+        rep.counts_before = graph_counts(ws.graph, ws.attr)
         fused = _fuse_traced(ws, "", opts, out, copy_originals=copy_model)
         out.module = fused if fused is not None else (safe_deepcopy(model) if copy_model else model)
     rep.counts_after = static_counts(out.module)
@@ -126,6 +126,7 @@ def _fuse_traced(ws: Workspace, prefix: str, opts: Options, out: Build, copy_ori
     changed = drop_identities(ws, rep, prefix)
     changed += _fuse_opaque_leaves(ws, prefix, opts, out, rw)
     fold_constants(ws)
+    changed += store_constants(ws, rep, rw, prefix)
     changed += apply_folds(ws, infer_ranks(ws), rep, rw, prefix)
     tr = translate(ws)
     plan = core.plan(tr.graph, allow_costlier=opts.allow_costlier)
@@ -262,24 +263,29 @@ _ADD_TARGETS = {"add", "iadd", "add_"}
 def static_counts(module: nn.Module) -> Counter:
     """Conv / batch_norm / add / linear ops a module runs, counted without running it: a GraphModule's nodes
     (recursing into the modules it calls whole), else its standard conv, Linear and BN submodules."""
-    counts: Counter = Counter()
     if isinstance(module, fx.GraphModule):
-        for node in module.graph.nodes:
-            if node.op == "call_module":
-                counts += _module_kind(attr_at(module, node.target))
-            elif node.op in ("call_function", "call_method"):
-                name = getattr(node.target, "__name__", str(node.target))
-                if node.target in (F.batch_norm, torch.batch_norm):
-                    counts["batch_norm"] += 1
-                elif "conv" in name and node.op == "call_function":
-                    counts["conv"] += 1
-                elif name == "linear":
-                    counts["linear"] += 1
-                elif name in _ADD_TARGETS and sum(isinstance(a, fx.Node) and a.op != "get_attr"
-                                                  for a in node.args[:2]) == 2:
-                    counts["add"] += 1
-        return counts
+        return graph_counts(module.graph, lambda t: attr_at(module, t))
     return _module_kind(module)
+
+
+def graph_counts(graph: fx.Graph, attr: Callable[[str], Any]) -> Counter:
+    """:func:`static_counts` of a graph whose ``call_module`` targets ``attr`` resolves."""
+    counts: Counter = Counter()
+    for node in graph.nodes:
+        if node.op == "call_module":
+            counts += _module_kind(attr(node.target))
+        elif node.op in ("call_function", "call_method"):
+            name = getattr(node.target, "__name__", str(node.target))
+            if node.target in (F.batch_norm, torch.batch_norm):
+                counts["batch_norm"] += 1
+            elif "conv" in name and node.op == "call_function":
+                counts["conv"] += 1
+            elif name == "linear":
+                counts["linear"] += 1
+            elif name in _ADD_TARGETS and sum(isinstance(a, fx.Node) and a.op != "get_attr"
+                                              for a in node.args[:2]) == 2:
+                counts["add"] += 1
+    return counts
 
 
 def _module_kind(m: nn.Module) -> Counter:

@@ -223,6 +223,28 @@ def _rank_facts(node: fx.Node, ws: Workspace, r: _Ranks) -> None:
         elif name in ("view_as", "reshape_as", "expand_as") and len(node.args) == 2 \
                 and isinstance(node.args[1], fx.Node):
             r.union(node.args[1], node)
+        elif name in _REDUCTIONS:
+            _reduction(node, r)
+    if node.op == "call_function" and node.target in (torch.mean, torch.sum, torch.amax) and x is not None:
+        _reduction(node, r)
+
+
+_REDUCTIONS = {"mean", "sum", "amax", "amin"}
+
+
+def _reduction(node: fx.Node, r: _Ranks) -> None:
+    """``x.mean(dims, keepdim)``: the rank drops by the number of dims reduced (or stays, with keepdim)."""
+    dims = _arg(node, 1, "dim", None)
+    keep = _arg(node, 2, "keepdim", False)
+    if dims is None or not isinstance(keep, bool):
+        return
+    if keep:
+        r.union(node.args[0], node)
+        return
+    count = 1 if isinstance(dims, int) else len(dims) if isinstance(dims, (list, tuple)) else None
+    rank = r.get(node.args[0])
+    if count is not None and rank is not None:
+        r.fix(node, rank - count)
 
 
 def _elementwise(node: fx.Node, r: _Ranks) -> None:
@@ -323,4 +345,42 @@ def fold_constants(ws: Workspace) -> None:
         node.meta["constant"] = value
 
 
-__all__ = ["data_users", "fold_constants", "infer_ranks", "metadata_kind", "metadata_users"]
+_VIEWS = {"view", "reshape", "transpose", "permute", "t", "expand", "unsqueeze", "squeeze", "flatten", "contiguous",
+          "detach", "view_as", "reshape_as", "expand_as"}
+
+
+def _computes(node: fx.Node) -> bool:
+    """``node`` does arithmetic (not only a view, a reshape or a basic slice of what it reads)."""
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if name in _VIEWS or node.target is getattr:
+        return False
+    if node.target is operator.getitem:
+        index = node.args[1] if len(node.args) > 1 else None
+        parts = index if isinstance(index, tuple) else (index,)
+        return any(isinstance(p, fx.Node) for p in parts)  # indexing with a tensor gathers
+    return True
+
+
+def constant_frontier(ws: Workspace) -> list[fx.Node]:
+    """Values computed at run time from stored tensors alone (weight standardization, a frozen BN's scale, a
+    gathered attention bias) that the rest of the graph reads: storing them once saves the computation."""
+    out = []
+    for node in ws.graph.nodes:
+        if node.op not in ("call_function", "call_method") or not isinstance(node.meta.get("constant"), torch.Tensor):
+            continue
+        if not any("constant" not in u.meta for u in node.users):
+            continue
+        seen, stack, computes = set(), [node], False
+        while stack and not computes:
+            n = stack.pop()
+            if n in seen or n.op == "get_attr":
+                continue
+            seen.add(n)
+            computes = _computes(n)
+            stack.extend(n.all_input_nodes)
+        if computes:
+            out.append(node)
+    return out
+
+
+__all__ = ["constant_frontier", "data_users", "fold_constants", "infer_ranks", "metadata_kind", "metadata_users"]

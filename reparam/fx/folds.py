@@ -198,14 +198,9 @@ def fold_into_opaque_convs(gm: Workspace, report: FuseReport, rw: Rewrite, prefi
     """A transposed conv, or a conv subclass whose forward is not a standard conv, followed by a BN."""
     done = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_module":
-            continue
-        m = gm.get_submodule(node.target)
-        transposed = isinstance(m, _CONV_TRANSPOSES) and plain_forward(m)
-        custom = isinstance(m, _CONVS) and not plain_forward(m)
+        prod = producer(node, gm) if node.op == "call_module" else None
         readers = data_users(node)
-        if not (transposed or custom) or m._forward_hooks or m._forward_pre_hooks or m.training \
-                or len(readers) != 1:
+        if prod is None or prod.conv is not None or len(readers) != 1:
             continue
         found = bn_of(readers[0], gm)
         if found is None or found[2] is not node:
@@ -215,9 +210,9 @@ def fold_into_opaque_convs(gm: Workspace, report: FuseReport, rw: Rewrite, prefi
         if fold.id in rw.skip:
             continue
         try:
-            new = _folded_transpose(m, read_bn()) if transposed else _folded_custom(m, read_bn())
+            new = prod.folded(read_bn())
         except NotFusable as err:
-            rw.reasons[readers[0].name] = (f"{node.target} ({type(m).__name__}): {err}", "not-foldable")
+            rw.reasons[readers[0].name] = (f"{node.target} ({type(prod.module).__name__}): {err}", "not-foldable")
             continue
         out = fold.call([node], new, node.args[0], readers[0])
         redirect_metadata([node], out)
@@ -225,7 +220,7 @@ def fold_into_opaque_convs(gm: Workspace, report: FuseReport, rw: Rewrite, prefi
         fold.drop_bn(out)
         gm.graph.erase_node(node)
         fold.check([out.args[0]], readers[0], lambda v, new=new: new(v[0]))
-        fold.done([type(m).__name__, label], 1)
+        fold.done([type(prod.module).__name__, label], 1)
         done += 1
     return done
 
@@ -251,6 +246,41 @@ def _folded_custom(m: nn.Module, bn: core.BatchNorm) -> nn.Module:
     if why is not None:
         raise NotFusable(f"with a folded bias, {why}")
     return new
+
+
+class Producer:
+    """A node whose output channels a per-channel affine can be folded into: a standard conv or Linear (module
+    or functional), a transposed conv, or a conv subclass whose forward is one convolution (probed)."""
+
+    def __init__(self, node: fx.Node, gm: Workspace, conv: core.Conv | None, module: nn.Module | None) -> None:
+        self.node, self.gm, self.conv, self.module = node, gm, conv, module
+        w = module.weight if module is not None else _weight_of(node, gm)
+        self.weight = w
+        self.ndim = w.dim() - 2
+        self.out_channels = conv.out_channels if conv is not None else (
+            module.out_channels if hasattr(module, "out_channels") else w.shape[0])
+
+    def folded(self, affine: core.Affine | core.BatchNorm) -> nn.Module:
+        """A new module computing ``affine(this node's output)``; NotFusable with the reason if it cannot."""
+        if self.conv is not None:
+            return _new_conv(core.fold_bn(self.conv, affine), self.weight)
+        if isinstance(self.module, _CONV_TRANSPOSES):
+            return _folded_transpose(self.module, affine)
+        return _folded_custom(self.module, affine)
+
+
+def producer(node: fx.Node, gm: Workspace) -> Producer | None:
+    conv = conv_of(node, gm)
+    if conv is not None:
+        return Producer(node, gm, conv, None)
+    if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+        return None
+    m = gm.get_submodule(node.target)
+    if m.training or m._forward_hooks or m._forward_pre_hooks:
+        return None
+    if (isinstance(m, _CONV_TRANSPOSES) and plain_forward(m)) or (isinstance(m, _CONVS) and not plain_forward(m)):
+        return Producer(node, gm, None, m)
+    return None
 
 
 # ------------------------------------------------------------------------------- through a reshape
@@ -330,27 +360,26 @@ def fold_after_concat(gm: Workspace, ranks: dict[fx.Node, int], report: FuseRepo
         if _channel_dim(cat, 1, "dim", 0, rank) != 1 or not isinstance(parts, (list, tuple)) \
                 or len(set(parts)) != len(parts):
             continue
-        convs = [conv_of(p, gm) if isinstance(p, fx.Node) and len(data_users(p)) == 1 else None for p in parts]
-        if any(c is None for c in convs) or any(c.ndim + 2 != (rank or 0) for c in convs):
+        prods = [producer(p, gm) if isinstance(p, fx.Node) and len(data_users(p)) == 1 else None for p in parts]
+        if any(c is None for c in prods) or any(c.ndim + 2 != (rank or 0) for c in prods):
             continue
         fold = _Fold(gm, rw, report, prefix, node)
         if fold.id in rw.skip:
             continue
         try:
             bn = read_bn()
-            if bn.channels != sum(c.out_channels for c in convs):
+            if bn.channels != sum(c.out_channels for c in prods):
                 continue
             aff, start, news = bn.to_affine(), 0, []
-            for c in convs:
+            for c in prods:
                 n = c.out_channels
-                news.append(core.fold_bn(c, core.Affine(aff.scale[start:start + n], aff.shift[start:start + n])))
+                news.append(c.folded(core.Affine(aff.scale[start:start + n], aff.shift[start:start + n])))
                 start += n
         except NotFusable as err:
             rw.reasons[node.name] = (str(err), "algebra")
             continue
         modules = []
-        for p, c in zip(parts, news):
-            mod = _new_conv(c, _weight_of(p, gm))
+        for p, mod in zip(parts, news):
             out = fold.call([p, node], mod, p.args[0], p)
             redirect_metadata([p], out)
             fold.replace(p, out)
@@ -394,17 +423,17 @@ def fold_on_slices(gm: Workspace, ranks: dict[fx.Node, int], report: FuseReport,
     """``a, b = conv(x).chunk(2, 1)`` (or ``split``) with a BN on some pieces: the conv takes them all."""
     done = 0
     for node in list(gm.graph.nodes):
-        conv = conv_of(node, gm)
+        prod = producer(node, gm)
         readers = data_users(node)
-        if conv is None or len(readers) != 1 or not conv.ndim:
+        if prod is None or len(readers) != 1 or not prod.ndim:
             continue
         split = readers[0]
         if not ((split.op == "call_method" and split.target in ("split", "chunk"))
                 or (split.op == "call_function" and split.target in (torch.split, torch.chunk))):
             continue
-        sizes = _slice_sizes(split, conv.out_channels)
-        name = "dim"
-        if sizes is None or _channel_dim(split, 2, name, 0, ranks.get(node)) != 1 or ranks.get(node) != conv.ndim + 2:
+        sizes = _slice_sizes(split, prod.out_channels)
+        if sizes is None or _channel_dim(split, 2, "dim", 0, ranks.get(node)) != 1 \
+                or ranks.get(node) != prod.ndim + 2:
             continue
         pieces: dict[int, tuple[fx.Node, fx.Node, BnRead, str]] = {}
         for g in list(split.users):
@@ -423,7 +452,7 @@ def fold_on_slices(gm: Workspace, ranks: dict[fx.Node, int], report: FuseReport,
             continue
         try:
             affs = [(n, pieces[i][2]().to_affine() if i in pieces else None) for i, n in enumerate(sizes)]
-            new = _new_conv(core.fold_bn(conv, _affine(affs)), _weight_of(node, gm))
+            new = prod.folded(_affine(affs))
         except NotFusable as err:
             rw.reasons[first_bn.name] = (str(err), "algebra")
             continue

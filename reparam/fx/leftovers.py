@@ -19,7 +19,7 @@ from .workspace import Workspace
 def _kind(reason: str) -> str:
     """The reason kind of a refusal sentence from the core or the translation."""
     text = reason.lower()
-    if "example_inputs" in text or ("rank" in text and "unknown" in text):
+    if "example_input" in text or "example input" in text or ("rank" in text and "unknown" in text):
         return "needs-shapes"
     if "pads" in text and ("bias" in text or "border" in text):
         return "padded-conv"
@@ -111,6 +111,8 @@ class Explainer:
     def _candidate(self, node: fx.Node) -> str | None:
         """The op label of a fusion candidate still in the graph: a BN, a per-channel constant, or a conv or
         sum whose fusion a rule refused."""
+        if "constant" in node.meta:  # computed from stored tensors alone (a weight standardization)
+            return None
         if node.op == "call_module" and isinstance(self.gm.get_submodule(node.target), _BNS):
             return type(self.gm.get_submodule(node.target)).__name__
         if bn_of(node, self.gm) is not None:

@@ -13,7 +13,7 @@ from .. import core
 from ..core.errors import NotFusable
 from ..core.report import Leftover
 from ..torch_ops import _IDENTITIES, PaddedConv, numpy_dtype, plain_forward, to_module
-from .facts import metadata_users
+from .facts import constant_frontier, metadata_users
 from .report import FuseReport, RegionReport
 from .workspace import Workspace
 
@@ -145,7 +145,19 @@ def fused_name(nodes: list[fx.Node], gm: Workspace, taken: dict[str, nn.Module])
     base = _common_path(owners)
     first = next((str(n.target) for n in nodes if _is_conv_node(n, gm) and n.op == "call_module"), None)
     kind = "fused" if first is None else first[len(base) + 1 if base else 0:].replace(".", "_") + "_fused"
-    base = f"{base}.{kind}" if base else kind
+    return free_name(gm, base, kind, taken)
+
+
+def free_name(gm: Workspace, owner: str, leaf: str, taken: dict) -> str:
+    """``<owner>.<leaf>`` (then ``_1``, ``_2``...) where nothing holds that name, placed beside rather than
+    inside a module the graph calls or reads (that module is the input model's: nothing is added to it)."""
+    targets = {str(n.target) for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
+    parts = owner.split(".") if owner else []
+    for i in range(len(parts)):
+        if ".".join(parts[:i + 1]) in targets:
+            owner, leaf = ".".join(parts[:i]), "_".join(parts[i:]) + "_" + leaf
+            break
+    base = f"{owner}.{leaf}" if owner else leaf
     name, k = base, 1
     while name in taken or _exists(gm, name):
         name, k = f"{base}_{k}", k + 1
@@ -311,6 +323,30 @@ def _before(a: fx.Node, b: fx.Node) -> bool:
             return True
         n = n.next
     return False
+
+
+def store_constants(gm: Workspace, report: FuseReport, rw: Rewrite, prefix: str = "") -> int:
+    """Replace each value computed from stored tensors alone by a stored tensor (a buffer of the result):
+    the computation runs once, here, instead of on every call, and gives the same values."""
+    done = 0
+    for node in constant_frontier(gm):
+        part = f"{prefix}const:{node.name}"
+        if part in rw.skip:
+            continue
+        value = node.meta["constant"].detach().clone()
+        name = free_name(gm, module_path(node), f"{node.name}_stored", rw.modules)
+        rw.modules[name] = value
+        gm.add_submodule(name, value)
+        with gm.graph.inserting_before(node):
+            stored = gm.graph.get_attr(name)
+        stored.meta["constant"] = value
+        node.replace_all_uses_with(stored)
+        report.regions.append(RegionReport(prefix + node.name, [f"stored {_op_label(node, gm)}"], 0, 0))
+        done += 1
+    for n in reversed(list(gm.graph.nodes)):  # what computed them is now unused
+        if not n.users and "constant" in n.meta and n.op != "output":
+            gm.graph.erase_node(n)
+    return done
 
 
 def drop_identities(gm: Workspace, report: FuseReport, prefix: str = "") -> int:

@@ -49,9 +49,38 @@ class ReparamTracer(fx.Tracer):
         super().__init__()
         self.opaque: dict[str, str] = {}  # module path -> why its forward could not be traced
         self.saved: State = {}  # the modules' plain state before tracing (forward code may cache proxies in it)
+        self._paths: dict[int, str] | None = None  # id of each parameter and buffer -> its path
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _InplaceProxy(node, self)
+
+    def _path_of(self, t: torch.Tensor) -> str | None:
+        if self._paths is None:
+            self._paths = {}
+            for n, p in [*self.root.named_buffers(), *self.root.named_parameters()]:
+                self._paths[id(p)] = n  # parameters last: they win, as in fx, where both could match
+        return self._paths.get(id(t))
+
+    def create_arg(self, a):
+        """A stored tensor passed as an argument becomes a ``get_attr``, found in the same table."""
+        if isinstance(a, torch.Tensor) and not isinstance(a, fx.Proxy):
+            name = self._path_of(a)
+            if name is not None:
+                return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)
+
+    def getattr(self, attr: str, attr_val, parameter_proxy_cache: dict):
+        """fx's lookup of a parameter or buffer read in a traced forward, by identity in a table made once:
+        fx searches ``named_parameters()`` on every read, quadratic in the size of a model whose BN layers
+        are traced through."""
+        if not isinstance(attr_val, torch.Tensor):
+            return attr_val
+        name = self._path_of(attr_val)
+        if name is None or (not isinstance(attr_val, nn.Parameter) and not self.proxy_buffer_attributes):
+            return attr_val
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.opaque:
@@ -69,7 +98,7 @@ class ReparamTracer(fx.Tracer):
         if self.is_leaf_module(m, qualname):
             return super().call_module(m, forward, args, kwargs)
         last = self.graph._root.prev  # the graph's last node: what the attempt adds comes after it
-        stack, calls = list(self.module_stack.items()), dict(self.num_calls)
+        stack = list(self.module_stack.items())  # O(depth); num_calls only numbers repeated calls: left as is
         try:
             with _no_input_check(m) if isinstance(m, _BNS) else contextlib.nullcontext():
                 return super().call_module(m, forward, args, kwargs)
@@ -79,8 +108,6 @@ class ReparamTracer(fx.Tracer):
                 self.graph.erase_node(self.graph._root.prev)
             self.module_stack.clear()
             self.module_stack.update(stack)
-            self.num_calls.clear()
-            self.num_calls.update(calls)
             self.opaque[qualname] = brief(err)
             return super().call_module(m, forward, args, kwargs)
 
