@@ -19,6 +19,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .. import core
+from ..core.report import Leftover
 from ..torch_ops import _BNS, _CONVS
 from .facts import fold_constants, infer_ranks
 from .folds import apply_folds
@@ -98,7 +99,10 @@ def _fuse_children(module: nn.Module, prefix: str, opts: Options, out: Build) ->
     for name, child in list(module.named_children()):
         path = f"{prefix}{name}"
         if path + MODULE in opts.skip:
-            out.report.notes.append(f"{path} is kept as it was: {opts.undone.get(path + MODULE, 'asked to')}")
+            why = opts.undone.get(path + MODULE, "asked to")
+            out.report.notes.append(f"{path} is kept as it was: {why}")
+            out.report.leftovers.extend(Leftover(f"{path}.{n}", type(m).__name__, f"{path} is kept as it was: {why}",
+                                                 "undone") for n, m in child.named_modules() if isinstance(m, _BNS))
             continue
         ws = None if path + TRACE in opts.skip else _try_trace(child, path, out.report)
         if ws is None:

@@ -8,12 +8,12 @@ the inputs and outputs of the modules whose graphs were traced), then builds the
 2. each fused part (a collapsed region, a fold) is run on the values the traced graph computed at its inputs
    and compared with the value it replaces, so a difference is pinned to the part that makes it, whatever
    the rest of the model does with it;
-3. the fused model runs end to end on the example inputs; if it raises, a binary search over the parts finds
-   the ones whose rewrite breaks it.
+3. the fused model runs end to end on the example inputs; if it raises, or its outputs differ from the input
+   model's by more than the input model's own outputs move when its inputs move by a rounding error (ops such
+   as argmax, top-k or NMS turn rounding into different results; a parent reading a child's weights does
+   not), a binary search over the parts finds the ones whose rewrite breaks it.
 
-Failing parts are undone (the same build, without them) and the report says why.  The end-to-end difference
-is reported: ops such as argmax, top-k or NMS turn float rounding into different outputs, which is not a
-reason to undo an exact fold.
+Failing parts are undone (the same build, without them) and the report says why.
 """
 
 from __future__ import annotations
@@ -115,6 +115,20 @@ class Reference:
                 h.remove()
         self.outputs[""] = self.output
         self.counts = _counts(counter.counts)
+        self._limit: float | None = None
+
+    def limit(self, model: nn.Module, inputs: tuple) -> float:
+        """How far the fused outputs may be from the input model's: the float tolerance, or, for a model whose
+        outputs jump when its inputs move by a few ulps, ten times that jump."""
+        if self._limit is None:
+            gen = torch.Generator().manual_seed(0)
+            moved = tuple(a + a.abs() * torch.randn(a.shape, generator=gen, dtype=a.dtype) * 4 *
+                          torch.finfo(a.dtype).eps if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                          for a in inputs)
+            with torch.no_grad(), frozen_training_state(model):
+                noise = max_rel(self.output, model(*moved))
+            self._limit = max(tolerance(_dtype_of(self.output)), 10 * noise)
+        return self._limit
 
     def _pre(self, path: str) -> Callable:
         def hook(_m, args):
@@ -179,14 +193,24 @@ def _check_levels(b: Build, ref: Reference) -> dict[str, str]:
     return bad
 
 
-def _breaks(model: nn.Module, opts: Options, inputs: tuple) -> Callable[[frozenset[str]], str | None]:
+def _problem(module: nn.Module, inputs: tuple, ref: Reference, model: nn.Module
+             ) -> tuple[str | None, Any, Counter]:
+    """Why the fused model is not accepted on the example inputs (None when it is), its output and op counts."""
+    try:
+        out, counts = run_counted(module, inputs)
+    except Exception as err:
+        return f"the fused model fails on the example inputs ({brief(err)})", None, Counter()
+    diff = max_rel(ref.output, out)
+    if diff > tolerance(_dtype_of(ref.output)) and diff > ref.limit(model, inputs):
+        return f"the fused model's outputs differ from the input model's by {diff:.2g} (relative)", out, counts
+    return None, out, counts
+
+
+def _breaks(model: nn.Module, opts: Options, inputs: tuple, ref: Reference
+            ) -> Callable[[frozenset[str]], str | None]:
     def test(skip: frozenset[str]) -> str | None:
         trial = build(model, Options(opts.allow_costlier, opts.inputs, False, skip, {}))
-        try:
-            run_counted(trial.module, inputs)
-        except Exception as err:
-            return brief(err)
-        return None
+        return _problem(trial.module, inputs, ref, model)[0]
     return test
 
 
@@ -217,16 +241,13 @@ def checked_build(model: nn.Module, inputs: tuple, allow_costlier: bool
         b = build(model, opts)
         bad = {k: v for k, v in _check_levels(b, ref).items() if k not in undone}
         if not bad:
-            try:
-                out, counts = run_counted(b.module, inputs)
+            why, out, counts = _problem(b.module, inputs, ref, model)
+            if why is None:
                 return b, ref, out, counts
-            except Exception as err:
-                why = brief(err)
-            ids = b.part_ids()
-            found = _culprit(ids, _breaks(model, opts, inputs), opts.skip)
+            found = _culprit(b.part_ids(), _breaks(model, opts, inputs, ref), opts.skip)
             if found is None:
                 break
-            bad = {found: f"with it, the fused model fails on the example inputs ({why})"}
+            bad = {found: f"with it, {why}"}
         undone.update(bad)
         opts = Options(allow_costlier, ref.args, True, frozenset(undone), undone)
     return None, ref, ref.output, ref.counts

@@ -146,9 +146,12 @@ def infer_ranks(ws: Workspace) -> dict[fx.Node, int]:
     """The rank of every value whose rank the graph decides (shape-propagated ranks win when present)."""
     r = _Ranks()
     nodes = list(ws.graph.nodes)
-    for _ in range(2):  # a second sweep carries ranks found late (by a later BN) into rank-changing ops
+    for _ in range(6):  # later sweeps carry ranks found late (by a later BN) back through rank-changing ops
+        known = len(r.rank)
         for node in nodes:
             _rank_facts(node, ws, r)
+        if len(r.rank) == known and _:
+            break
     out = {}
     for node in nodes:
         shape = _meta_shape(node)
@@ -203,6 +206,8 @@ def _rank_facts(node: fx.Node, ws: Workspace, r: _Ranks) -> None:
             r.fix(node, len(node.args[1]))
         elif fn in (torch.transpose, torch.swapaxes) and x is not None:
             r.union(x, node)
+        elif fn is operator.getitem and x is not None and isinstance(node.args[1], int) and _splits(x):
+            r.union(x.args[0], node)  # a piece of a split keeps the rank of what was split
         return
     if node.op == "call_method" and x is not None:
         name = node.target
@@ -247,20 +252,31 @@ def _reduction(node: fx.Node, r: _Ranks) -> None:
         r.fix(node, rank - count)
 
 
+def _splits(node: fx.Node) -> bool:
+    """``node`` splits a tensor into pieces of the same rank (``split``, ``chunk``, ``tensor_split``)."""
+    names = ("split", "chunk", "tensor_split")
+    if node.op == "call_method":
+        return node.target in names
+    return node.op == "call_function" and getattr(node.target, "__name__", "") in names and node.args \
+        and isinstance(node.args[0], fx.Node)
+
+
 def _elementwise(node: fx.Node, r: _Ranks) -> None:
     """``a op b``: with a number, the rank is kept; with two tensors, the output has the larger rank."""
     a, b = node.args
-    ranks = []
-    for t in (a, b):
-        if not isinstance(t, fx.Node):
-            continue
-        const = t.meta.get("constant")
-        ranks.append(const.ndim if isinstance(const, torch.Tensor) else r.get(t))
     tensors = [t for t in (a, b) if isinstance(t, fx.Node)]
     if len(tensors) == 1:
         r.union(tensors[0], node)
-    elif None not in ranks:
+        return
+    consts = [t.meta["constant"].ndim for t in tensors if isinstance(t.meta.get("constant"), torch.Tensor)]
+    values = [t for t in tensors if not isinstance(t.meta.get("constant"), torch.Tensor)]
+    ranks = [r.get(t) for t in values] + consts
+    if None not in ranks:
         r.fix(node, max(ranks))
+    elif len(values) == 1 and consts:  # x (op) c: a known output rank above c's is x's rank
+        out = r.get(node)
+        if out is not None and out > max(consts):
+            r.fix(values[0], out)
 
 
 def _flatten(node: fx.Node, r: _Ranks, start: Any, end: Any) -> None:
