@@ -647,8 +647,116 @@ class _Head(nn.Module):
         return self.fc2(self.act(self.bn(self.fc1(x.mean(self.dims)))))
 
 
+# ------------------------------------------------------------------------------------------------------
+# idioms of third-party model code (timm, torchvision, detection models), each a stage with known counts
+
+
+class _BNAct(nn.modules.batchnorm._BatchNorm):
+    """timm's BatchNormAct: asserts its input's rank, calls F.batch_norm, then an activation."""
+
+    def __init__(self, nd: int, c: int, act: str) -> None:
+        super().__init__(c)
+        self.rank, self.act = nd + 2, _ACTS[act]()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._assert(x.ndim == self.rank, "unexpected input rank")
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return self.act(x)
+
+
+class _SameConv(nn.Conv2d):
+    """TF-"same" padding computed from the input size at run time (not traceable)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ih, iw = x.size()[-2:]
+        kh, kw = self.kernel_size
+        ph = max((math.ceil(ih / self.stride[0]) - 1) * self.stride[0] + kh - ih, 0)
+        pw = max((math.ceil(iw / self.stride[1]) - 1) * self.stride[1] + kw - iw, 0)
+        x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class _Idiom(nn.Module):
+    """One idiom stage; ``kind`` names it, ``counts`` is what runs after fusion, ``out_channels`` its width."""
+
+    KINDS_ANY = ("bnact", "split_bn", "mixconv", "prenorm", "layerscale", "preact")
+    KINDS_2D = ("shuffle", "tf_same")
+
+    def __init__(self, kind: str, nd: int, c: int, act: str) -> None:
+        super().__init__()
+        self.kind, self.nd, self.c = kind, nd, c
+        conv, bn = _CONV[nd], _BN[nd]
+        h = c // 2 or 1
+        self.act = _ACTS[act]()
+        self.out_channels = c
+        if kind == "bnact":  # conv -> BatchNormAct (rank assert): one conv
+            self.conv, self.bn = conv(c, c, 3, padding=1, bias=False), _BNAct(nd, c, act)
+            counts = _counts(conv=1)
+        elif kind == "split_bn":  # conv, split along channels, a BN on each piece
+            self.conv = conv(c, 2 * c + 1, 3, padding=1)
+            self.bn_a, self.bn_b = bn(c), bn(c + 1)
+            self.out_channels = 2 * c + 1
+            counts = _counts(conv=1)
+        elif kind == "mixconv":  # per-group depthwise kernels of two sizes, concatenated, then BN
+            self.c3 = conv(h, h, 3, padding=1, groups=h, bias=False)
+            self.c5 = conv(c - h, c - h, 5, padding=2, groups=c - h, bias=False) if c > h else None
+            self.bn = _BNAct(nd, c, act)
+            counts = _counts(conv=2 if c > h else 1)
+        elif kind == "prenorm":  # act -> BN read by three unpadded 1x1 convs
+            self.norm = bn(c)
+            self.q, self.k, self.v = (conv(c, c, 1) for _ in range(3))
+            counts = _counts(conv=3)
+        elif kind == "layerscale":  # x + gamma[C, 1, ..] * bn(conv(x))
+            self.conv, self.bn = conv(c, c, 3, padding=1, bias=False), bn(c)
+            self.gamma = nn.Parameter(0.5 + torch.rand((c,) + (1,) * nd))
+            counts = _counts(conv=1)
+        elif kind == "preact":  # BN -> act -> conv: the BN cannot fold (it stays)
+            self.bn, self.conv = bn(c), conv(c, c, 3, padding=1)
+            counts = _counts(conv=1, batch_norm=1)
+        elif kind == "shuffle":  # two conv+BN branches, concatenated, channel shuffle (contiguous before view)
+            self.a, self.b = nn.Sequential(conv(c, c, 1), bn(c)), nn.Sequential(conv(c, c, 3, padding=1), bn(c))
+            self.out_channels = 2 * c
+            counts = _counts(conv=2)
+        elif kind == "tf_same":  # run-time padded conv (untraceable) -> BN
+            self.conv, self.bn = _SameConv(c, c, 3, stride=1, bias=False), bn(c)
+            counts = _counts(conv=1)
+        else:
+            raise ValueError(f"unknown idiom {kind!r}")
+        self.counts = counts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.kind
+        if k == "bnact":
+            return self.bn(self.conv(x))
+        if k == "split_bn":
+            a, b = torch.split(self.conv(x), [self.c, self.c + 1], dim=1)
+            return self.act(torch.cat([self.bn_a(a), self.bn_b(b)], 1))
+        if k == "mixconv":
+            h = self.c // 2 or 1
+            if self.c5 is None:
+                return self.bn(self.c3(x))
+            x0, x1 = torch.split(x, [h, self.c - h], 1)
+            return self.bn(torch.cat([self.c3(x0), self.c5(x1)], 1))
+        if k == "prenorm":
+            y = self.norm(self.act(x))
+            return self.act(self.q(y) * torch.sigmoid(self.k(y)) + self.v(y))
+        if k == "layerscale":
+            return self.act(x + self.gamma * self.bn(self.conv(x)))
+        if k == "preact":
+            return self.act(self.conv(self.act(self.bn(x))))
+        if k == "shuffle":
+            y = torch.cat([self.a(x), self.b(x)], 1)
+            b, c, h, w = y.shape
+            return self.act(y.view(b, 2, c // 2, h, w).transpose(1, 2).contiguous().view(b, c, h, w))
+        return self.act(self.bn(self.conv(x)))
+
+    def out_size(self, size):
+        return size
+
+
 class RepNet(nn.Module):
-    """A random network: stem, stages (blocks, conv, transposed conv), optional classifier head.
+    """A random network: stem, stages (blocks, conv, transposed conv, idioms of third-party code), optional
+    classifier head.
 
     Attributes: ``in_channels``, ``ndim``, ``input_size`` (a valid spatial size), ``cheap``, ``spec``.
     """
@@ -702,6 +810,7 @@ def architectures(
     block_options: dict | None = None,
     cheap: bool | None = False,
     residual_into_linear: bool = False,
+    idioms: bool = True,
     seed: int | st.SearchStrategy[int] | None = None,
 ) -> RepNet:
     """Draw a random :class:`RepNet`: a conv+BN+act stem, 1-``max_stages`` stages and maybe a head.
@@ -716,6 +825,11 @@ def architectures(
     stage then never starts with linear ops (the residual is moved before the activation instead).
     ``residual_into_linear=True`` lets such an add feed a block or a conv directly; whether fusing through
     the add pays off is then the planner's choice, so ``expected_ops`` is None for those networks.
+
+    ``idioms`` adds stages written the way third-party code writes them: a BatchNormAct layer that asserts
+    its input's rank, BNs on split pieces of one conv, MixConv (concatenated per-group kernels then BN), a BN
+    read by several 1x1 convs, a ``[C, 1, ...]`` layer scale, BN -> act -> conv (its BN stays), and in 2-D a
+    channel shuffle and a TF-"same" conv padded at run time.
     """
     nd = int(_resolve(draw, ndim, st.integers(1, 3)))
     cin = int(_resolve(draw, in_channels, st.integers(1, 4)))
@@ -737,9 +851,10 @@ def architectures(
         last_post = False  # the previous stage ended with a residual add (a linear value)
         exact = True
         for _ in range(draw(st.integers(1, max_stages))):
-            kind = draw(st.sampled_from(["block", "block", "block", "conv", "convT"] if transposed
-                                        else ["block", "block", "block", "conv"]))
-            if last_post and kind in ("block", "conv"):
+            kinds = ["block", "block", "block", "conv"] + (["convT"] if transposed else [])
+            kinds += ["idiom", "idiom"] if idioms else []
+            kind = draw(st.sampled_from(kinds))
+            if last_post and kind in ("block", "conv", "idiom"):
                 if residual_into_linear:
                     exact = False
                 else:  # act(block(x)) + x -> act(block(x) + x)
@@ -767,6 +882,13 @@ def architectures(
                 expected.append(_counts(conv=1))
                 specs.append(f"conv{k}+bn+{act}")
                 last_post, c = False, cout
+            elif kind == "idiom":
+                which = draw(st.sampled_from(_Idiom.KINDS_ANY + (_Idiom.KINDS_2D if nd == 2 else ())))
+                stage = _Idiom(which, nd, c, act)
+                stages.append(stage)
+                expected.append(stage.counts)
+                specs.append(f"idiom({which}, {act})")
+                last_post, c = False, stage.out_channels
             else:
                 cout = draw(st.sampled_from([c, max(1, c // 2)]))
                 k = draw(st.sampled_from([2, 3, 4]))
