@@ -105,9 +105,11 @@ def _note_difference(rep: FuseReport, diff: float, expected: Any) -> None:
     from .checks import _dtype_of, tolerance
 
     if diff > tolerance(_dtype_of(expected)):
-        rep.notes.append(f"the outputs differ by {diff:.3g} (relative to their scale) although every fused part "
-                         "matches the value it replaces on the example inputs: ops such as argmax, top-k or NMS "
-                         "turn float rounding into different results")
+        how = "in shape (how many results)" if diff == float("inf") else f"by {diff:.3g} (relative to their scale)"
+        rep.notes.append(f"the outputs differ {how}, although every fused part matches what it replaces on the "
+                         "example inputs and every fused submodule matches the original on what it received: the "
+                         "model's own code after them (top-k, NMS, thresholds) turns float rounding into different "
+                         "results")
 
 
 def verify(model: nn.Module, fused: nn.Module, inputs: Any) -> dict[str, float]:

@@ -237,6 +237,8 @@ def _overrides_module(cls: type) -> bool:
     allowed = {"__init__", "forward", "extra_repr", "__doc__", "__module__", "__qualname__", "__dict__",
                "__weakref__", "__annotations__", "__firstlineno__", "__static_attributes__", "__parameters__",
                "__orig_bases__"}
+    if issubclass(cls, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) or hasattr(cls, "__getitem__"):
+        return True  # indexing would reach the graph's modules, not the ones the code means: fail loudly instead
     module_names = set(dir(nn.Module)) | set(dir(fx.GraphModule))
     for c in cls.__mro__:
         if c in (nn.Module, object) or issubclass(fx.GraphModule, c):
