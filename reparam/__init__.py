@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the typed signatures (overloads of fuse) for checkers; at run time imported on first use
+    from .fx import FuseReport, fuse, verify
+
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "fuse", "verify"]

@@ -4,7 +4,7 @@ from .._extras import require
 
 require("torch", feature="reparam.fx (reparam.fuse, reparam.verify)")
 
-from .api import fuse, verify
+from .api import REPORT_ATTRIBUTE, fuse, verify
 from .report import FuseReport, RegionReport
 
-__all__ = ["FuseReport", "RegionReport", "fuse", "verify"]
+__all__ = ["REPORT_ATTRIBUTE", "FuseReport", "RegionReport", "fuse", "verify"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import nn
@@ -47,12 +47,27 @@ def _refuse_wrappers(model: Any) -> None:
         raise ReparamError(f"reparam.fuse expects a torch.nn.Module, got {name}")
 
 
+REPORT_ATTRIBUTE = "reparam_report"
+"""The attribute of a fused module holding its :class:`FuseReport` (``fused.reparam_report``)."""
+
+
+@overload
+def fuse(model: nn.Module, example_inputs: Any = None, *, inplace: bool = False, allow_costlier: bool = False,
+         report: Literal[False] = False) -> nn.Module: ...
+
+
+@overload
+def fuse(model: nn.Module, example_inputs: Any = None, *, inplace: bool = False, allow_costlier: bool = False,
+         report: Literal[True]) -> tuple[nn.Module, FuseReport]: ...
+
+
 def fuse(model: nn.Module, example_inputs: Any = None, *, inplace: bool = False, allow_costlier: bool = False,
          report: bool = False) -> nn.Module | tuple[nn.Module, FuseReport]:
     """Collapse every fusable linear region of ``model`` into convolutions (eval semantics).
 
-    Returns an eval-mode module computing the same outputs; the report is attached as
-    ``result.reparam_report`` (and returned as a second value with ``report=True``).
+    Returns an eval-mode module computing the same outputs; its :class:`FuseReport` is the attribute
+    ``reparam_report`` of the result (:data:`REPORT_ATTRIBUTE`), also returned as a second value with
+    ``report=True``.
 
     - ``example_inputs``: a tensor or tuple.  The result is then run and checked on them before it is
       returned (each fused part against the value it replaces, and the whole model end to end); a part that
@@ -97,7 +112,7 @@ def fuse(model: nn.Module, example_inputs: Any = None, *, inplace: bool = False,
     for name in sorted(stay_training):
         rep.notes.append(f"{name or type(model).__name__} stays in training mode after eval(); left alone")
     rep.params_before, rep.params_after = params, _count_params(fused)
-    fused.reparam_report = rep
+    setattr(fused, REPORT_ATTRIBUTE, rep)
     return (fused, rep) if report else fused
 
 
