@@ -9,7 +9,7 @@ if TYPE_CHECKING:  # the typed signatures (overloads of fuse) for checkers; at r
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "fuse", "verify"]
+__all__ = ["FuseReport", "__version__", "fuse", "verify"]
 
 
 def __getattr__(name: str):
