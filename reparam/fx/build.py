@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -64,6 +64,12 @@ class Options:
     keep_traced: bool = False  # keep each level's graph as traced, to record values on example inputs
     skip: frozenset[str] = frozenset()
     undone: dict[str, str] = field(default_factory=dict)
+    traces: dict[str, Any] | None = None  # module path -> its trace (or why it failed), reused across builds
+    trace_only: bool = False  # only find the traced graphs (the levels), fuse nothing
+
+    def again(self, **changes: Any) -> Options:
+        """The same options with some replaced (the trace cache is shared)."""
+        return replace(self, **changes)
 
 
 def build(model: nn.Module, opts: Options, *, copy_model: bool = True) -> Build:
@@ -71,7 +77,7 @@ def build(model: nn.Module, opts: Options, *, copy_model: bool = True) -> Build:
     rep = FuseReport()
     out = Build(model, rep, undone=dict(opts.undone))
     rep.undone = [(pid, why) for pid, why in opts.undone.items()]
-    ws = None if TRACE in opts.skip else _try_trace(model, "", rep)
+    ws = None if TRACE in opts.skip else _try_trace(model, "", rep, opts.traces)
     if ws is None:
         rep.counts_before = static_counts(model)
         root = safe_deepcopy(model) if copy_model else model
@@ -85,13 +91,24 @@ def build(model: nn.Module, opts: Options, *, copy_model: bool = True) -> Build:
     return out
 
 
-def _try_trace(module: nn.Module, path: str, rep: FuseReport) -> Workspace | None:
-    try:
-        return trace(module)
-    except Exception as err:  # fx raises many types for untraceable code
-        rep.skipped.append((path or type(module).__name__, f"its forward cannot be traced ({brief(err)}); "
+def _try_trace(module: nn.Module, path: str, rep: FuseReport, cache: dict | None) -> Workspace | None:
+    """``module`` traced (a copy of the cached trace of ``path`` when there is one), or None with the reason
+    in the report."""
+    found = cache.get(path) if cache is not None else None
+    if found is None:
+        try:
+            found = trace(module)
+        except Exception as err:  # fx raises many types for untraceable code
+            found = brief(err)
+        if cache is not None:
+            cache[path] = found if isinstance(found, str) else found.copy()
+    elif not isinstance(found, str):
+        found = found.copy(root=module)
+    if isinstance(found, str):
+        rep.skipped.append((path or type(module).__name__, f"its forward cannot be traced ({found}); "
                             "its submodules are fused one by one"))
         return None
+    return found
 
 
 def _fuse_children(module: nn.Module, prefix: str, opts: Options, out: Build) -> nn.Module:
@@ -104,7 +121,7 @@ def _fuse_children(module: nn.Module, prefix: str, opts: Options, out: Build) ->
             out.report.leftovers.extend(Leftover(f"{path}.{n}", type(m).__name__, f"{path} is kept as it was: {why}",
                                                  "undone") for n, m in child.named_modules() if isinstance(m, _BNS))
             continue
-        ws = None if path + TRACE in opts.skip else _try_trace(child, path, out.report)
+        ws = None if path + TRACE in opts.skip else _try_trace(child, path, out.report, opts.traces)
         if ws is None:
             if any(True for _ in child.children()):
                 _fuse_children(child, path + ".", opts, out)
@@ -123,6 +140,10 @@ def _fuse_traced(ws: Workspace, prefix: str, opts: Options, out: Build, copy_ori
     for path, why in ws.opaque.items():
         rep.skipped.append((prefix + path, f"called whole: its forward cannot be traced ({why})"))
     path = prefix[:-1]
+    if opts.trace_only:  # find the levels below this one too
+        _fuse_opaque_leaves(ws, prefix, opts, out, Rewrite(skip=opts.skip))
+        out.levels.append(Level(path, None, []))
+        return None
     if path in opts.inputs:
         _propagate_shapes(ws, opts.inputs[path], prefix, rep)
     traced = _runnable_copy(ws) if opts.keep_traced else None

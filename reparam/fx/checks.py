@@ -234,7 +234,7 @@ def _first_args(seen: dict[str, tuple], path: str) -> Callable:
 def _breaks(model: nn.Module, opts: Options, inputs: tuple, ref: Reference
             ) -> Callable[[frozenset[str]], str | None]:
     def test(skip: frozenset[str]) -> str | None:
-        trial = build(model, Options(opts.allow_costlier, opts.inputs, False, skip, {}))
+        trial = build(model, opts.again(keep_traced=False, skip=skip, undone={}))
         return _problem(trial.module, inputs, ref, model, trial.replaced)[0]
     return test
 
@@ -258,10 +258,11 @@ def checked_build(model: nn.Module, inputs: tuple, allow_costlier: bool
     """The fused model, checked on ``inputs`` with failing parts undone, or None when no part-by-part undo
     makes it run (keep the model as it is); with the reference run, the fused model's output and executed
     op counts."""
-    first = build(model, Options(allow_costlier))
-    ref = Reference(model, inputs, {lv.path for lv in first.levels} | set(first.replaced))
+    traces: dict = {}
+    first = build(model, Options(allow_costlier, traces=traces, trace_only=True))
+    ref = Reference(model, inputs, {lv.path for lv in first.levels})
     undone: dict[str, str] = {}
-    opts = Options(allow_costlier, ref.args, True, frozenset(), undone)
+    opts = Options(allow_costlier, ref.args, True, frozenset(), undone, traces)
     for _ in range(_ROUNDS):
         b = build(model, opts)
         bad = {k: v for k, v in _check_levels(b, ref).items() if k not in undone}
@@ -274,7 +275,7 @@ def checked_build(model: nn.Module, inputs: tuple, allow_costlier: bool
                 break
             bad = {found: f"with it, {why}"}
         undone.update(bad)
-        opts = Options(allow_costlier, ref.args, True, frozenset(undone), undone)
+        opts = opts.again(skip=frozenset(undone), undone=undone)
     return None, ref, ref.output, ref.counts
 
 

@@ -31,6 +31,16 @@ class Workspace:
         self.opaque: dict[str, str] = {}  # submodule path -> why it is called whole (its forward did not trace)
         self._modules: dict[str, nn.Module] = {}  # root's submodules already looked up (each walk done once)
 
+    def copy(self, root: nn.Module | None = None) -> Workspace:
+        """A workspace with a copy of this (not yet rewritten) graph, over ``root`` (by default the same
+        module; a module of the same structure works too): a trace to reuse without tracing again."""
+        graph = fx.Graph()
+        graph.output(graph.graph_copy(self.graph, {}))
+        out = Workspace(self.root if root is None else root, graph, self.name)
+        out.added = dict(self.added)
+        out.opaque = dict(self.opaque)
+        return out
+
     def get_submodule(self, target: str) -> nn.Module:
         if target in self.added:
             return self.added[target]

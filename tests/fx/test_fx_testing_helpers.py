@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -197,17 +196,6 @@ def test_kinds_are_documented() -> None:
 
 
 # ------------------------------------------------------------------------------------------ docs
-
-
-@pytest.mark.filterwarnings("ignore")
-@pytest.mark.parametrize("page", ["fuse.md", "testing.md"])
-def test_doc_examples_run(page: str) -> None:
-    blocks = re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), re.S)
-    assert blocks
-    for i, code in enumerate(blocks):
-        if "# doc: no-run" in code:
-            continue  # e.g. a signature, not a program
-        exec(compile(code, f"{page}[{i}]", "exec"), {"__name__": f"doc_{i}"})
 
 
 def test_repvgg_helper_is_a_real_block() -> None:
