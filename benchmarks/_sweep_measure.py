@@ -18,7 +18,7 @@ import statistics
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from _sweep_models import ModelSpec, build, one_line
@@ -147,19 +147,11 @@ def costlier(before: dict[str, int], after: dict[str, int]) -> bool:
 
 
 # -- exactness ---------------------------------------------------------------------------------------------------
-def _flatten(out: Any, path: str = "out") -> Iterator[tuple[str, Any]]:
-    import torch
+def _leaves(out: Any) -> list[tuple[str, Any]]:
+    """``(path, leaf)`` of a nested output (``torch.utils._pytree``: a tuple and a list give the same paths)."""
+    from torch.utils._pytree import keystr, tree_flatten_with_path
 
-    if isinstance(out, torch.Tensor) or out is None or isinstance(out, (int, float, bool, str)):
-        yield path, out
-    elif isinstance(out, Mapping):
-        for k in out:
-            yield from _flatten(out[k], f"{path}[{k!r}]")
-    elif isinstance(out, Sequence):
-        for i, v in enumerate(out):
-            yield from _flatten(v, f"{path}[{i}]")
-    else:
-        yield path, out
+    return [(f"out{keystr(k)}", v) for k, v in tree_flatten_with_path(out)[0]]
 
 
 def compare(expected: Any, actual: Any) -> dict[str, Any]:
@@ -170,7 +162,7 @@ def compare(expected: Any, actual: Any) -> dict[str, Any]:
     """
     import torch
 
-    exp, act = list(_flatten(expected)), list(_flatten(actual))
+    exp, act = _leaves(expected), _leaves(actual)
     if [p for p, _ in exp] != [p for p, _ in act]:
         return {"max_abs": math.inf, "rel": math.inf,
                 "note": f"output structure differs: {len(exp)} leaves vs {len(act)} ({exp[0][0] if exp else ''})"}

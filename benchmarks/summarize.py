@@ -240,20 +240,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="only report whether the page is up to date")
     args = p.parse_args(argv)
 
-    text = args.doc.read_text()
-    if START not in text or END not in text:
-        print(f"{args.doc}: markers {START} / {END} not found", file=sys.stderr)
+    return rewrite_page(args.doc, START, END, lambda: render(args.results.resolve(), args.doc.resolve()),
+                        args.check, "summarize.py", args.results)
+
+
+def rewrite_page(doc: Path, start: str, end: str, body, check: bool, script: str, results: Path) -> int:
+    """Replace what lies between the ``start`` and ``end`` markers of ``doc`` with ``body()``; the exit code.
+
+    ``check``: write nothing, return 1 if the page would change (``script`` is named as the fix).
+    """
+    text = doc.read_text()
+    if start not in text or end not in text:
+        print(f"{doc}: markers {start} / {end} not found", file=sys.stderr)
         return 2
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    new = f"{head}{START}\n{render(args.results.resolve(), args.doc.resolve())}\n{END}{tail}"
-    if args.check:
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    new = f"{head}{start}\n{body()}\n{end}{tail}"
+    if check:
         if new != text:
-            print(f"{args.doc} is out of date; run benchmarks/summarize.py")
+            print(f"{doc} is out of date; run benchmarks/{script}")
             return 1
         return 0
-    args.doc.write_text(new)
-    print(f"updated {args.doc} from {args.results}")
+    doc.write_text(new)
+    print(f"updated {doc} from {results}")
     return 0
 
 

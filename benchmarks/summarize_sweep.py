@@ -13,10 +13,11 @@ import json
 import math
 import os
 import statistics
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+from summarize import rewrite_page, table
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -180,12 +181,6 @@ def _fmt_bad(c: str, bad: Any) -> str:
     return f" ({bad})"
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def _counts(v: dict | None, field: str) -> str:
     if v is None:
         return ""
@@ -250,7 +245,7 @@ def render(d: dict, doc: Path, results_png: Path) -> str:
                  "the library's deploy form (`-`: none). *No reason*: executed BN after fusion minus the BN the "
                  "report lists as left (without / with inputs). *Error*: max diff / output scale. Times are the "
                  "median of per-round paired ratios.")
-    parts.append(_table(["model", "family", "params", "status", "BN", "conv", "no reason", "error (w/o / with)",
+    parts.append(table(["model", "family", "params", "status", "BN", "conv", "no reason", "error (w/o / with)",
                          "fx.fuse BN", "fuse / deepcopy", "fuse / library", "library / deepcopy"],
                         model_rows(d["models"])))
     if results_png.exists():
@@ -325,24 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--doc", type=Path, default=ROOT / "docs" / "model_sweep.md")
     p.add_argument("--check", action="store_true", help="only report whether the page is up to date")
     args = p.parse_args(argv)
-    text = args.doc.read_text()
-    if START not in text or END not in text:
-        print(f"{args.doc}: markers {START} / {END} not found", file=sys.stderr)
-        return 2
     d = json.loads(args.results.read_text())
     d["totals"] = totals(d["models"])
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    body = render(d, args.doc.resolve(), args.results.resolve().with_suffix(".png"))
-    new = f"{head}{START}\n{body}\n{END}{tail}"
-    if args.check:
-        if new != text:
-            print(f"{args.doc} is out of date; run benchmarks/summarize_sweep.py")
-            return 1
-        return 0
-    args.doc.write_text(new)
-    print(f"updated {args.doc} from {args.results}")
-    return 0
+    return rewrite_page(args.doc, START, END,
+                        lambda: render(d, args.doc.resolve(), args.results.resolve().with_suffix(".png")),
+                        args.check, "summarize_sweep.py", args.results)
 
 
 if __name__ == "__main__":
