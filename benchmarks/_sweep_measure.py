@@ -280,8 +280,53 @@ def _compare(spec: ModelSpec, expected: Any, actual: Any) -> dict[str, Any]:
     return compare_detection(expected, actual) if spec.kind == "detection" else compare(expected, actual)
 
 
+#: Beyond ``WRONG_ABOVE``, a deploy form is still exact if its float32 error against the float64 model is
+#: within this factor of the unfused float32 model's own (rounding in another order, on an ill-conditioned net).
+FLOOR_FACTOR = 4.0
+
+
+def _double(args: tuple) -> tuple:
+    import torch
+
+    def d(v):
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            return v.double()
+        if isinstance(v, (list, tuple)):
+            return type(v)(d(x) for x in v)
+        return v
+
+    return tuple(d(a) for a in args)
+
+
+class Float64Reference:
+    """The unfused model run in float64 (computed once, when a deploy form differs by more than ``WRONG_ABOVE``)."""
+
+    def __init__(self, model, args: tuple) -> None:
+        self.model, self.args, self._out, self.error = model, args, None, None
+
+    def output(self) -> Any:
+        if self._out is None and self.error is None:
+            try:
+                self._out = run(copy.deepcopy(self.model).double(), _double(self.args))
+            except Exception as err:
+                self.error = one_line(err)
+        return self._out
+
+
+def judge(diff: dict[str, Any], ref32: Any, out: Any, exact: Float64Reference | None) -> dict[str, Any]:
+    """``diff`` plus ``wrong``: above ``WRONG_ABOVE``, unless the float64 check shows float32 rounding alone."""
+    if diff["rel"] <= WRONG_ABOVE:
+        return {**diff, "wrong": False}
+    ref64 = exact.output() if exact is not None and not math.isinf(diff["rel"]) else None
+    if ref64 is None:
+        return {**diff, "wrong": True}
+    floor, err = compare(ref64, ref32)["rel"], compare(ref64, out)["rel"]
+    return {**diff, "float64": {"unfused_float32": floor, "deploy_float32": err},
+            "wrong": not err <= max(WRONG_ABOVE, FLOOR_FACTOR * floor)}
+
+
 def _variant(spec: ModelSpec, make: Callable[[], Any], args: tuple, ref: Any, before: dict[str, int],
-             bn_paths: list[str]) -> tuple[dict[str, Any], Any]:
+             bn_paths: list[str], exact: Float64Reference | None = None) -> tuple[dict[str, Any], Any]:
     rec: dict[str, Any] = {"error": None, "broken": False, "run_error": None}
     t0 = time.perf_counter()
     try:
@@ -297,7 +342,7 @@ def _variant(spec: ModelSpec, make: Callable[[], Any], args: tuple, ref: Any, be
         rec.update(broken=True, run_error=one_line(err))
         return rec, fused
     diff = _compare(spec, ref, out)
-    rec.update(diff, wrong=not diff["rel"] <= WRONG_ABOVE)
+    rec.update(judge(diff, ref, out, exact if spec.kind != "detection" else None))
     after = executed(fused, args)
     rec.update(counts=after, costlier=costlier(before, after))
     if report is not None:
@@ -345,9 +390,10 @@ def _measure_into(rec: dict[str, Any], spec: ModelSpec, seed: int, rounds: int, 
     rec["before"] = before
     makers = _makers(spec, model, args)
     rec["variants"], rec["makers"] = {}, {k: d for k, (d, _) in makers.items()}
+    exact = Float64Reference(model, args)
     for key, (_desc, make) in makers.items():
         log(f"{spec.id}: {key}")
-        rec["variants"][key], fused = _variant(spec, make, args, ref, before, bn_paths)
+        rec["variants"][key], fused = _variant(spec, make, args, ref, before, bn_paths, exact)
         del fused
         gc.collect()
     rec["input_unchanged"] = _compare(spec, ref, _outputs(spec, model, args))["rel"] == 0.0

@@ -36,7 +36,7 @@ DETECTION = ("fasterrcnn_mobilenet_v3_large_fpn", "retinanet_resnet50_fpn", "ssd
 DETECTION_SIZE = 320
 #: ultralytics configs whose models need a text encoder downloaded at build time (no network here).
 YOLO_NEEDS_DOWNLOAD = ("world", "yoloe")
-YOLO_INPUT = 224
+YOLO_INPUT = 256  # a multiple of 64, the largest stride of the P6 configs
 
 #: A small hand-picked subset for ``--quick``: plain, re-parameterizable, TF-padded, untraceable and detection.
 QUICK = ("timm:resnet10t", "timm:repvgg_a0", "timm:mobileone_s1", "timm:tf_efficientnet_b0", "timm:ghostnet_050",

@@ -104,15 +104,16 @@ def choose(specs: list[M.ModelSpec], patterns: str | None, quick: bool) -> list[
 
 
 def reparam_source() -> dict[str, Any]:
-    """Where ``reparam`` is imported from (PYTHONPATH decides) and that tree's git commit."""
+    """Where ``reparam`` is imported from (PYTHONPATH decides), the last commit that changed that tree, and
+    whether it has uncommitted changes."""
     spec = importlib.util.find_spec("reparam")
     path = Path(spec.origin).parent if spec and spec.origin else None
     out: dict[str, Any] = {"path": str(path), "commit": None, "dirty": None}
     if path is not None:
         git = ["git", "-C", str(path)]
         try:
-            out["commit"] = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                           check=True).stdout.strip()
+            out["commit"] = subprocess.run([*git, "log", "-1", "--format=%h", "--", "."], capture_output=True,
+                                           text=True, check=True).stdout.strip()  # the last change to reparam/
             out["dirty"] = bool(subprocess.run([*git, "status", "--porcelain", "--", "."], capture_output=True,
                                                text=True, check=True).stdout.strip())
         except (OSError, subprocess.CalledProcessError):

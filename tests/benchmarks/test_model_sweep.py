@@ -104,6 +104,19 @@ def test_compare_flags_structure_shape_and_scale() -> None:
     assert X.compare(nan, {"x": torch.tensor([1.0, 2.0]), "y": []})["rel"] == float("inf")
 
 
+def test_wrong_is_judged_against_the_float64_floor() -> None:
+    class Reference:  # the "float64" output: the truth both float32 outputs are measured against
+        def output(self):
+            return torch.tensor([1.0, 0.0])
+
+    ref32 = torch.tensor([1.0, 2e-3])  # an ill-conditioned unfused float32 model: 2e-3 off
+    close, far = torch.tensor([1.0, 5e-3]), torch.tensor([1.0, 1e-2])
+    assert not X.judge(X.compare(ref32, close), ref32, close, Reference())["wrong"]  # 5e-3 <= 4 * 2e-3
+    assert X.judge(X.compare(ref32, far), ref32, far, Reference())["wrong"]
+    assert X.judge(X.compare(ref32, close), ref32, close, None)["wrong"]  # no float64 run: the threshold decides
+    assert not X.judge(X.compare(ref32, ref32), ref32, ref32, None)["wrong"]
+
+
 def test_costlier_and_mac_counter_on_a_transposed_conv() -> None:
     deconv = nn.ConvTranspose2d(4, 6, 3, stride=2, bias=True).eval()
     counts = X.executed(deconv, (torch.randn(1, 4, 5, 5),))
