@@ -111,6 +111,9 @@ def totals(records: list[dict]) -> dict[str, Any]:
         t["bn_without_reason_total"] = sum(f.get("bn_without_reason", 0) for f in per)
         t["compared_with_library"] = sum(1 for r in ok if _ran(_variant(r, key)) and _ran(_variant(r, "library")))
         t["time_vs_library"] = _spread([f["slow_vs_library"] for f in per if "slow_vs_library" in f])
+        t["time_vs_library_by_source"] = {
+            src: _spread([f["slow_vs_library"] for r, f in zip(ok, per) if "slow_vs_library" in f and
+                          r["source"] == src]) for src in sorted({r["source"] for r in ok if _variant(r, "library")})}
         t["time_vs_deepcopy"] = _spread([f["slow_vs_deepcopy"] for f in per if "slow_vs_deepcopy" in f])
         out["variants"][key] = t
     for key in ("library", "fx"):
@@ -151,8 +154,10 @@ def totals_line(t: dict, key: str) -> str:
             f"{v['costlier']} costlier / {v['bn_without_reason']} with BN left without a reason "
             f"({v['bn_without_reason_total']} BN) / {v['bn_above_library']} with more executed BN than the library "
             f"deploy form / {v['conv_above_library']} with more convs than it (of {v['compared_with_library']}) / "
-            f"fuse time vs library median {_x(v['time_vs_library']['median'])}, worst "
-            f"{_x(v['time_vs_library']['worst'])}; vs deepcopy median {_x(v['time_vs_deepcopy']['median'])}, worst "
+            "fuse time " + "; ".join(
+                f"vs {src}'s deploy form median {_x(sp['median'])}, worst {_x(sp['worst'])} (n={sp['n']})"
+                for src, sp in v.get("time_vs_library_by_source", {}).items())
+            + f"; vs deepcopy median {_x(v['time_vs_deepcopy']['median'])}, worst "
             f"{_x(v['time_vs_deepcopy']['worst'])}")
 
 
@@ -161,7 +166,7 @@ def totals_text(t: dict) -> str:
     lines = [f"{t['models']} models ({status}); executed BN before fusion: {t['bn_executed_before']}"]
     for key in FUSE_VARIANTS:
         lines.append(totals_line(t, key))
-        lines.append(f"    executed BN after: {t['variants'][key]['bn_executed_after']} in "
+        lines.append(f"{FUSE_VARIANTS[key]}: executed BN after: {t['variants'][key]['bn_executed_after']} in "
                      f"{t['variants'][key]['models_with_bn_after']} models")
     lib, fx = t["library"], t["fx"]
     lines.append(f"library deploy forms: {lib['models']} models, {lib['raised']} raised, {lib['broken']} broken, "
@@ -173,7 +178,7 @@ def totals_text(t: dict) -> str:
 
 def _fmt_bad(c: str, bad: Any) -> str:
     if isinstance(bad, str) or bad is None:
-        return f" ({bad})" if bad else ""
+        return f" ({bad[:80]})" if bad else ""
     if c == "wrong":
         return f" ({bad:.1e})"
     if c in ("costlier", "slow_vs_library", "slow_vs_deepcopy"):
@@ -303,7 +308,8 @@ def plot(records: list[dict], path: Path, quick: bool = False) -> None:
     ax.set_title("fuse time (with example inputs)", fontsize=10)
     _legend(ax)
     ax.grid(True, which="both", alpha=0.3)
-    fig.suptitle(f"reparam.fuse on {len(records)} third-party models" + ("  [quick run]" if quick else ""))
+    fig.suptitle(f"reparam.fuse on third-party models: the {len(ok)} of {len(records)} where the fused model runs"
+                 + ("  [quick run]" if quick else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
