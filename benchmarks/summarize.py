@@ -16,14 +16,17 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-ORDER = ("fuse_cost", "deploy_latency", "concat_vs_add", "latency_vs_macs", "fusion_accuracy")
+ORDER = ("fuse_cost", "deploy_latency", "concat_vs_add", "latency_vs_macs", "fusion_accuracy", "model_sweep")
 TITLES = {
     "fuse_cost": "Fusion cost against model size",
     "deploy_latency": "Fused vs hand-written deploy form",
     "concat_vs_add": "Concatenation vs add (paper Table 1)",
     "latency_vs_macs": "Latency vs MACs (paper Figure 1, without accuracy)",
     "fusion_accuracy": "Fusion accuracy: float64 algebra vs a naive float32 fold",
+    "model_sweep": "Model sweep: reparam.fuse on third-party models",
 }
+#: How to produce a result file, where it is not the project venv running ``benchmarks/<name>.py``.
+RUN = {"model_sweep": "PYTHONPATH=$PWD /tmp/reparam-thirdparty/bin/python benchmarks/model_sweep.py"}
 
 
 # -- formatting ------------------------------------------------------------------------------------------------
@@ -198,8 +201,14 @@ def fusion_accuracy(d: dict) -> str:
     ])
 
 
+def model_sweep(d: dict) -> str:
+    import summarize_sweep
+
+    return summarize_sweep.section(d)
+
+
 SECTIONS = {"fuse_cost": fuse_cost, "deploy_latency": deploy_latency, "concat_vs_add": concat_vs_add,
-            "latency_vs_macs": latency_vs_macs, "fusion_accuracy": fusion_accuracy}
+            "latency_vs_macs": latency_vs_macs, "fusion_accuracy": fusion_accuracy, "model_sweep": model_sweep}
 
 
 def render(results: Path, doc: Path) -> str:
@@ -209,7 +218,7 @@ def render(results: Path, doc: Path) -> str:
         out.append(f"### {TITLES[name]}")
         path = results / f"{name}.json"
         if not path.exists():
-            out.append(f"_Not run yet: `.venv/bin/python benchmarks/{name}.py`._")
+            out.append(f"_Not run yet: `{RUN.get(name, f'.venv/bin/python benchmarks/{name}.py')}`._")
             continue
         try:
             d = json.loads(path.read_text())
@@ -231,20 +240,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="only report whether the page is up to date")
     args = p.parse_args(argv)
 
-    text = args.doc.read_text()
-    if START not in text or END not in text:
-        print(f"{args.doc}: markers {START} / {END} not found", file=sys.stderr)
+    return rewrite_page(args.doc, START, END, lambda: render(args.results.resolve(), args.doc.resolve()),
+                        args.check, "summarize.py", args.results)
+
+
+def rewrite_page(doc: Path, start: str, end: str, body, check: bool, script: str, results: Path) -> int:
+    """Replace what lies between the ``start`` and ``end`` markers of ``doc`` with ``body()``; the exit code.
+
+    ``check``: write nothing, return 1 if the page would change (``script`` is named as the fix).
+    """
+    text = doc.read_text()
+    if start not in text or end not in text:
+        print(f"{doc}: markers {start} / {end} not found", file=sys.stderr)
         return 2
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    new = f"{head}{START}\n{render(args.results.resolve(), args.doc.resolve())}\n{END}{tail}"
-    if args.check:
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    new = f"{head}{start}\n{body()}\n{end}{tail}"
+    if check:
         if new != text:
-            print(f"{args.doc} is out of date; run benchmarks/summarize.py")
+            print(f"{doc} is out of date; run benchmarks/{script}")
             return 1
         return 0
-    args.doc.write_text(new)
-    print(f"updated {args.doc} from {args.results}")
+    doc.write_text(new)
+    print(f"updated {doc} from {results}")
     return 0
 
 
