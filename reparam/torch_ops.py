@@ -77,6 +77,12 @@ def to_tensor(a: np.ndarray, like: torch.Tensor | None = None, *, dtype=None, de
     return torch.from_numpy(np.ascontiguousarray(a)).to(dtype=dtype, device=device)
 
 
+def is_exported_module(module: nn.Module) -> bool:
+    """``module`` is the ``module()`` of a ``torch.export`` program (a graph with no mode: it refuses eval())."""
+    unlifted = getattr(getattr(torch.export, "_unlift", None), "_StatefulGraphModule", None)
+    return unlifted is not None and isinstance(module, unlifted)
+
+
 def plain_forward(module: nn.Module) -> bool:
     """``module`` runs the forward of the torch.nn class it derives from (a subclass did not override it)."""
     cls = type(module)
@@ -248,6 +254,19 @@ class PaddedConv(nn.Module):
         return self.conv(torch.nn.functional.pad(x, self.pad, mode=self.mode))
 
 
-__all__ = ["PaddedConv", "blank_module", "bn_from_module", "conv_from_module", "load_conv_", "pad_from_module",
-           "pad_from_torch", "pool_from_module", "read_only", "to_core", "to_module", "to_numpy",
-           "to_tensor"]
+__all__ = [
+    "PaddedConv",
+    "blank_module",
+    "bn_from_module",
+    "conv_from_module",
+    "is_exported_module",
+    "load_conv_",
+    "pad_from_module",
+    "pad_from_torch",
+    "pool_from_module",
+    "read_only",
+    "to_core",
+    "to_module",
+    "to_numpy",
+    "to_tensor",
+]

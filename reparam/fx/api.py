@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..core.errors import ReparamError
+from ..torch_ops import is_exported_module
 from .build import Build, Options, build
 from .checks import checked_build, max_rel
 from .report import FuseReport
@@ -35,20 +36,17 @@ def _refuse_wrappers(model: Any) -> None:
     if dynamo is not None and isinstance(model, getattr(dynamo, "OptimizedModule", ())):
         raise ReparamError("reparam.fuse got a torch.compile wrapper (OptimizedModule); pass the module before "
                            "compiling (model._orig_mod), then torch.compile the fused result")
-    exported = getattr(getattr(torch, "export", None), "ExportedProgram", None)
-    if exported is not None and isinstance(model, exported):
-        raise ReparamError("reparam.fuse got a torch.export ExportedProgram; pass the nn.Module you exported, "
-                           "then export the fused result")
-    unlifted = getattr(getattr(getattr(torch, "export", None), "_unlift", None), "_StatefulGraphModule", None)
-    if unlifted is not None and isinstance(model, unlifted):
-        raise ReparamError("reparam.fuse got the module() of a torch.export ExportedProgram, which cannot be put in "
-                           "eval mode; pass the nn.Module you exported, then export the fused result")
     if not isinstance(model, nn.Module):
         raise ReparamError(f"reparam.fuse expects a torch.nn.Module, got {name}")
 
 
 REPORT_ATTRIBUTE = "reparam_report"
 """The attribute of a fused module holding its :class:`FuseReport` (``fused.reparam_report``)."""
+
+
+@overload
+def fuse(model: torch.export.ExportedProgram, example_inputs: Any = None, *, inplace: bool = False,
+         allow_costlier: bool = False, report: Literal[False] = False) -> torch.export.ExportedProgram: ...
 
 
 @overload
@@ -65,6 +63,10 @@ def fuse(model: nn.Module, example_inputs: Any = None, *, inplace: bool = False,
          report: bool = False) -> nn.Module | tuple[nn.Module, FuseReport]:
     """Collapse every fusable linear region of ``model`` into convolutions (eval semantics).
 
+    ``model`` is any ``nn.Module`` (also a ``torch.export`` program's ``module()``), or a
+    ``torch.export.ExportedProgram``, which gives an ExportedProgram back: the same call signature and dynamic
+    dimensions, checked on the program's example inputs unless others are given.
+
     Returns an eval-mode module computing the same outputs; its :class:`FuseReport` is the attribute
     ``reparam_report`` of the result (:data:`REPORT_ATTRIBUTE`), also returned as a second value with
     ``report=True``.
@@ -79,11 +81,17 @@ def fuse(model: nn.Module, example_inputs: Any = None, *, inplace: bool = False,
       1x1 projection with a following 1x1 expansion, a lone BN as a conv); refused by default, with the
       reason in the report.
     """
+    if isinstance(model, torch.export.ExportedProgram):
+        from .exported import fuse_program
+
+        program, rep = fuse_program(model, example_inputs, allow_costlier=allow_costlier)
+        setattr(program, REPORT_ATTRIBUTE, rep)
+        return (program, rep) if report else program
     _refuse_wrappers(model)
     inputs = _as_tuple(example_inputs)
     params = _count_params(model)
     with eval_mode(model, keep=inplace):
-        stay_training = {name for name, m in model.named_modules() if m.training}
+        stay_training = set() if is_exported_module(model) else {n for n, m in model.named_modules() if m.training}
         if inputs:
             b, ref, out, counts = checked_build(model, inputs, allow_costlier)
             if b is None:

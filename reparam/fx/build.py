@@ -21,6 +21,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .. import core
 from ..core.report import Leftover
 from ..torch_ops import _BNS, _CONVS
+from .aten import is_aten, normalize
 from .facts import fold_constants, infer_ranks
 from .folds import apply_folds
 from .leftovers import Explainer
@@ -80,13 +81,16 @@ def build(model: nn.Module, opts: Options, *, copy_model: bool = True) -> Build:
     ws = None if TRACE in opts.skip else _try_trace(model, "", rep, opts.traces)
     if ws is None:
         rep.counts_before = static_counts(model)
-        root = safe_deepcopy(model) if copy_model else model
+        root = safe_deepcopy(model) if copy_model and not opts.trace_only else model
         out.module = _fuse_children(root, "", opts, out)
         rep.counted_on = "module structure (adds only inside traced parts)"
     else:
         rep.counts_before = graph_counts(ws.graph, ws.attr)
         fused = _fuse_traced(ws, "", opts, out, copy_originals=copy_model)
-        out.module = fused if fused is not None else (safe_deepcopy(model) if copy_model else model)
+        if fused is not None:
+            out.module = fused
+        else:
+            out.module = safe_deepcopy(model) if copy_model and not opts.trace_only else model
     rep.counts_after = static_counts(out.module)
     return out
 
@@ -148,6 +152,8 @@ def _fuse_traced(ws: Workspace, prefix: str, opts: Options, out: Build, copy_ori
         _propagate_shapes(ws, opts.inputs[path], prefix, rep)
     traced = _runnable_copy(ws) if opts.keep_traced else None
     rw = Rewrite(skip=opts.skip)
+    if is_aten(ws.graph):  # an exported program: its ATen calls in their torch-level spelling (not a change)
+        normalize(ws.graph)
     changed = drop_identities(ws, rep, prefix)
     changed += _fuse_opaque_leaves(ws, prefix, opts, out, rw)
     fold_constants(ws)
@@ -200,7 +206,7 @@ def _fuse_opaque_leaves(ws: Workspace, prefix: str, opts: Options, out: Build, r
         m = ws.get_submodule(path)
         if path in ws.added or not any(True for _ in m.children()) or prefix + path + MODULE in opts.skip:
             continue
-        copy_ = safe_deepcopy(m)
+        copy_ = m if opts.trace_only else safe_deepcopy(m)  # (finding levels changes nothing)
         before = len(out.replaced)
         _fuse_children(copy_, prefix + path + ".", opts, out)
         if len(out.replaced) == before:
@@ -244,8 +250,8 @@ def _carry_attributes(original: nn.Module, gm: nn.Module) -> None:
     """Give ``gm`` the plain attributes of the module it replaces (``m.f``, ``m.stride``, ``num_classes``...),
     which surrounding code may read; modules, parameters and buffers are the graph's own business."""
     for key, value in vars(original).items():
-        if key in _MODULE_STATE or key in vars(gm) or isinstance(value, (nn.Module, torch.Tensor)):
-            continue
+        if key in _MODULE_STATE or key in vars(gm) or isinstance(value, (nn.Module, torch.Tensor)) or callable(value):
+            continue  # (a bound method on the instance, as an exported module's eval(), is its own business)
         try:
             object.__setattr__(gm, key, value)
         except (AttributeError, TypeError):  # a read-only property of GraphModule
@@ -302,7 +308,14 @@ def graph_counts(graph: fx.Graph, attr: Callable[[str], Any]) -> Counter:
         if node.op == "call_module":
             counts += _module_kind(attr(node.target))
         elif node.op in ("call_function", "call_method"):
-            name = getattr(node.target, "__name__", str(node.target))
+            packet = getattr(node.target, "_overloadpacket", None)  # an ATen overload: its op's name
+            name = packet.__name__ if packet is not None else getattr(node.target, "__name__", str(node.target))
+            if packet is not None and "batch_norm" in name:
+                counts["batch_norm"] += 1
+                continue
+            if name in ("addmm", "mm"):
+                counts["linear"] += 1
+                continue
             if node.target in (F.batch_norm, torch.batch_norm):
                 counts["batch_norm"] += 1
             elif "conv" in name and node.op == "call_function":

@@ -33,9 +33,15 @@ _RANK_FUNCS = {torch.is_floating_point, torch.is_complex}
 _SHAPE_FUNCS = {torch.numel, torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like}
 
 
+_ATEN_META = {torch.ops.aten.sym_size.int: "shape", torch.ops.aten.sym_numel.default: "shape",
+              torch.ops.aten.sym_size.default: "shape"}
+
+
 def metadata_kind(user: fx.Node, value: fx.Node) -> str | None:
     """``"rank"`` or ``"shape"`` when ``user`` reads only metadata of ``value``; None for a use of its data."""
     args = user.args
+    if user.op == "call_function" and user.target in _ATEN_META:
+        return _ATEN_META[user.target] if args and args[0] is value and not _elsewhere(user, value, 1) else None
     if user.op == "call_function":
         if user.target is getattr and len(args) == 2 and args[0] is value:
             return "rank" if args[1] in _RANK_ATTRS else "shape" if args[1] in _SHAPE_ATTRS else None
@@ -154,15 +160,20 @@ def infer_ranks(ws: Workspace) -> dict[fx.Node, int]:
             break
     out = {}
     for node in nodes:
-        shape = _meta_shape(node)
+        shape = meta_shape(node)
         rank = len(shape) if shape is not None else r.get(node)
         if rank is not None:
             out[node] = rank
     return out
 
 
-def _meta_shape(node: fx.Node) -> tuple[int, ...] | None:
+def meta_shape(node: fx.Node) -> tuple | None:
+    """The shape recorded on a node: by shape propagation (``tensor_meta``) or, in an exported program, its
+    fake value (``val``); sizes that are symbolic there are ``torch.SymInt``."""
     shape = getattr(node.meta.get("tensor_meta"), "shape", None)
+    if shape is None:
+        val = node.meta.get("val")
+        shape = val.shape if isinstance(val, torch.Tensor) else None
     return tuple(shape) if shape is not None else None
 
 
@@ -171,7 +182,7 @@ def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
 
 
 def _rank_facts(node: fx.Node, ws: Workspace, r: _Ranks) -> None:
-    shape = _meta_shape(node)
+    shape = meta_shape(node)
     if shape is not None:
         r.fix(node, len(shape))
     x = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
@@ -399,4 +410,5 @@ def constant_frontier(ws: Workspace) -> list[fx.Node]:
     return out
 
 
-__all__ = ["constant_frontier", "data_users", "fold_constants", "infer_ranks", "metadata_kind", "metadata_users"]
+__all__ = ["constant_frontier", "data_users", "fold_constants", "infer_ranks", "meta_shape", "metadata_kind",
+           "metadata_users"]

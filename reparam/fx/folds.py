@@ -73,6 +73,10 @@ def conv_of(node: fx.Node, gm: Workspace) -> core.Conv | None:
                 return conv_from_module(m)
         if node.op == "call_function" and node.target in _CONV_FUNCS:
             return _conv_function(node, _CONV_FUNCS[node.target])[0]
+        if node.op == "call_function" and node.target is F.linear and len(node.args) >= 2:
+            w, b = node.args[1], node.args[2] if len(node.args) > 2 else None
+            if isinstance(w.meta.get("constant"), torch.Tensor) and (b is None or "constant" in b.meta):
+                return core.Conv(to_numpy(w.meta["constant"]), None if b is None else to_numpy(b.meta["constant"]))
     except NotFusable:
         return None
     return None

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from .. import core
@@ -64,7 +65,7 @@ def _op_label(node: fx.Node, gm: Workspace) -> str:
 def _is_conv_node(node: fx.Node, gm: Workspace) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
-    return node.op == "call_function" and "conv" in getattr(node.target, "__name__", "")
+    return node.op == "call_function" and ("conv" in getattr(node.target, "__name__", "") or node.target is F.linear)
 
 
 def _mutates(node: fx.Node, gm: Workspace) -> fx.Node | None:
@@ -143,7 +144,9 @@ def fused_name(nodes: list[fx.Node], gm: Workspace, taken: dict[str, nn.Module])
     ``_1``, ``_2``...), never a path of the input model, so a training-form state_dict cannot load into it."""
     owners = [module_path(n).rpartition(".")[0] if n.op == "call_module" else module_path(n) for n in nodes]
     base = _common_path(owners)
-    first = next((str(n.target) for n in nodes if _is_conv_node(n, gm) and n.op == "call_module"), None)
+    first = next((module_path(n) for n in nodes if _is_conv_node(n, gm)), None)  # a functional conv: its module's
+    if first is not None and not first.startswith(base):
+        first = None
     kind = "fused" if first is None else first[len(base) + 1 if base else 0:].replace(".", "_") + "_fused"
     return free_name(gm, base, kind, taken)
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import torch
 from torch import fx, nn
 
-from ..torch_ops import _BNS, _CONV_TRANSPOSES, _CONVS, _PADS, _POOLS, plain_forward
+from ..torch_ops import _BNS, _CONV_TRANSPOSES, _CONVS, _PADS, _POOLS, is_exported_module, plain_forward
 from .workspace import Workspace
 
 
@@ -170,6 +170,11 @@ def _no_input_check(m: nn.Module) -> Iterator[None]:
 def trace(module: nn.Module) -> Workspace:
     """Trace ``module`` (already in the mode to fuse in); raises whatever fx raises when its own forward
     cannot be traced.  Submodules that cannot be traced are leaves, listed in the workspace's ``opaque``."""
+    if isinstance(module, fx.GraphModule):  # already a graph (symbolic_trace, an exported program's module())
+        graph = fx.Graph()
+        graph._codegen = module.graph._codegen  # an exported module's pytree in/out handling (read only)
+        graph.output(graph.graph_copy(module.graph, {}))
+        return Workspace(module, graph, type(module).__name__)
     tracer = ReparamTracer()
     before = set(vars(module))
     tracer.saved = snapshot(module)
@@ -191,6 +196,9 @@ def trace(module: nn.Module) -> Workspace:
 @contextlib.contextmanager
 def eval_mode(module: nn.Module, keep: bool) -> Iterator[None]:
     """Put every submodule in eval mode; restore each one's flag afterwards unless ``keep``."""
+    if is_exported_module(module):  # an exported graph has no mode (and refuses eval()): nothing to do
+        yield
+        return
     flags = {m: m.training for m in module.modules()}
     module.eval()
     try:

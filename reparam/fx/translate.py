@@ -23,7 +23,7 @@ from torch import fx, nn
 from .. import core
 from ..core.errors import NotFusable
 from ..torch_ops import _BNS, _CONVS, to_core, to_numpy
-from .facts import data_users, fold_constants, infer_ranks, metadata_kind, metadata_users
+from .facts import data_users, fold_constants, infer_ranks, meta_shape, metadata_kind, metadata_users
 from .workspace import Workspace
 
 _ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.Sigmoid,
@@ -115,10 +115,10 @@ def _anchor_shape_reads(gm: Workspace, g: core.LinearGraph) -> None:
         g.mark_output(end.name)
 
 
-def _meta_shape(node: fx.Node) -> tuple[int, ...] | None:
-    tm = node.meta.get("tensor_meta")
-    shape = getattr(tm, "shape", None)
-    return tuple(shape) if shape is not None else None
+def _meta_shape(node: fx.Node) -> tuple | None:
+    """The recorded shape, with a symbolic size (an exported program's dynamic dim) as None."""
+    shape = meta_shape(node)
+    return None if shape is None else tuple(s if isinstance(s, int) else None for s in shape)
 
 
 def _shape(node, ctx: _Ctx, op, inputs) -> tuple[int | None, int | None]:
@@ -162,6 +162,11 @@ def _const(arg: Any) -> np.ndarray | None:
         if isinstance(t, torch.Tensor) and t.is_floating_point():
             return to_numpy(t)
     return None
+
+
+def _is_value(arg: Any) -> bool:
+    """A tensor the graph computes from its inputs (not a stored tensor or one computed from stored ones)."""
+    return isinstance(arg, fx.Node) and arg.op != "get_attr" and "constant" not in arg.meta
 
 
 def _promotes(arg: Any, x: fx.Node, ctx: _Ctx) -> torch.dtype | None:
@@ -260,8 +265,8 @@ def _feeds_bn(node: fx.Node, gm: Workspace) -> bool:
 def _binary(node, ctx: _Ctx, a, b, kind: str):
     """Affine forms of ``a (op) b`` where one side is a per-channel constant; Add for tensor +/- tensor."""
     ca, cb = _const(a), _const(b)
-    a_t = isinstance(a, fx.Node) and ca is None
-    b_t = isinstance(b, fx.Node) and cb is None
+    a_t = _is_value(a) and ca is None
+    b_t = _is_value(b) and cb is None
     if kind == "add" and a_t and b_t:
         return core.Add(), [a, b]
     if kind == "sub" and a_t and b_t:
@@ -310,6 +315,8 @@ def _classify_function(node: fx.Node, fn, ctx: _Ctx):
         return core.Affine(scale=np.array([-1.0])), [args[0]]
     if fn in _CONV_FUNCS:
         return _conv_function(node, _CONV_FUNCS[fn])
+    if fn is F.linear:
+        return _linear_function(node, ctx)
     if fn in (F.batch_norm, torch.batch_norm):
         return _bn_function(node)
     if fn in _POOL_FUNCS:
@@ -349,6 +356,15 @@ def _conv_function(node, nd):
             pads.append((total // 2, total - total // 2))
         padding = tuple(pads)
     return core.Conv(w, b, stride=stride, padding=padding, dilation=dil, groups=groups), [node.args[0]]
+
+
+def _linear_function(node, ctx: _Ctx):
+    """``F.linear(x, w, b)`` on stored tensors: a 0-d conv, on a 2-D input only (like the module)."""
+    if ctx.ranks.get(node.args[0]) != 2:
+        return None, None
+    w = _param(_opt(node, 1, "weight", None), "linear weight")
+    b = _param(_opt(node, 2, "bias", None), "linear bias")
+    return core.Conv(w, b), [node.args[0]]
 
 
 def _bn_function(node):

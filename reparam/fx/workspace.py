@@ -35,6 +35,7 @@ class Workspace:
         """A workspace with a copy of this (not yet rewritten) graph, over ``root`` (by default the same
         module; a module of the same structure works too): a trace to reuse without tracing again."""
         graph = fx.Graph()
+        graph._codegen = self.graph._codegen  # e.g. an exported module's pytree in/out (read only)
         graph.output(graph.graph_copy(self.graph, {}))
         out = Workspace(self.root if root is None else root, graph, self.name)
         out.added = dict(self.added)

@@ -33,6 +33,7 @@ def _as_args(inputs: Any) -> tuple:
 @contextlib.contextmanager
 def eval_no_grad(*modules: nn.Module) -> Iterator[None]:
     """Run ``modules`` in eval mode under ``torch.no_grad()``, restoring every submodule's training flag."""
+    modules = tuple(m for m in modules if not _exported(m))  # an exported program's module() has no mode
     flags = [(m, m.training) for module in modules for m in module.modules()]
     for module in modules:
         module.eval()
@@ -42,6 +43,11 @@ def eval_no_grad(*modules: nn.Module) -> Iterator[None]:
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+def _exported(module: nn.Module) -> bool:
+    unlifted = getattr(getattr(torch.export, "_unlift", None), "_StatefulGraphModule", None)
+    return unlifted is not None and isinstance(module, unlifted)
 
 
 def _flatten(out: Any, path: str = "output") -> Iterator[tuple[str, Any]]:
