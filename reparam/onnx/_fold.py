@@ -55,10 +55,29 @@ def _selected_dims(node: onnx.NodeProto, shape: tuple) -> tuple:
     return shape[max(0, min(r, start)):max(0, min(r, end))]
 
 
-def constant_subgraphs(model: onnx.ModelProto, inferred: Inferred, runtime_inputs: set[str]) -> Folded:
-    """Select the constant subgraphs of ``model``'s main graph and evaluate the values they feed out."""
+def fold_constants(light: onnx.ModelProto, src: onnx.ModelProto, inferred: Inferred, runtime: set[str],
+                   infer, rounds: int = 100) -> tuple[Folded, onnx.ModelProto, Inferred]:
+    """Fold constant subgraphs round by round: a folded Pad gives the next layer a known shape, whose
+    ``Shape`` may then fold in turn.  Returns what was folded, the skeleton with it, and its inference."""
+    inits = {t.name: t for t in src.graph.initializer if t.name not in runtime}
+    total = Folded()
+    current = light
+    for _ in range(rounds):
+        new = constant_subgraphs(current, inits, inferred)
+        if not new.values:
+            break
+        total.values.update(new.values)
+        total.nodes += new.nodes
+        inits.update({k: onnx.numpy_helper.from_array(np.array(v, order="C"), k) for k, v in new.values.items()})
+        current = with_constants(light, total.values)
+        inferred = infer(current)
+    return total, current, inferred
+
+
+def constant_subgraphs(model: onnx.ModelProto, inits: dict[str, TensorProto], inferred: Inferred) -> Folded:
+    """Select the constant subgraphs of ``model``'s main graph and evaluate the values they feed out
+    (``inits``: the initializers that are not graph inputs, by name)."""
     g = model.graph
-    inits = {t.name: t for t in g.initializer if t.name not in runtime_inputs}
     outer = subgraph_reads(g)
     const: set[str] = {n for n, t in inits.items() if _elements(t) <= MAX_ELEMENTS}
     passive: set[str] = set(const)  # constants needing no evaluation
@@ -171,8 +190,8 @@ def with_constants(light: onnx.ModelProto, values: dict[str, np.ndarray]) -> onn
                     live.update(i for n in sub.node for i in n.input)
     del g.node[:]
     g.node.extend(reversed(keep))
-    g.initializer.extend(onnx.numpy_helper.from_array(np.ascontiguousarray(v), k) for k, v in values.items())
+    g.initializer.extend(onnx.numpy_helper.from_array(np.array(v, order="C"), k) for k, v in values.items())
     return new
 
 
-__all__ = ["MAX_ELEMENTS", "Folded", "constant_subgraphs", "with_constants"]
+__all__ = ["MAX_ELEMENTS", "Folded", "constant_subgraphs", "fold_constants", "with_constants"]

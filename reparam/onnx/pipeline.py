@@ -23,7 +23,7 @@ from reparam import core
 from reparam.core.errors import NotFusable, ReparamError
 from reparam.core.precision import cast_conv
 
-from ._fold import constant_subgraphs, with_constants
+from ._fold import fold_constants
 from ._graph import Inferred, Names, TensorInfo, all_names, infer_info, is_default_domain, subgraph_reads
 from ._inputs import InputShapes, resolve_input_shapes, restore_runtime_inputs, with_input_shapes
 from ._layout import share_transposes
@@ -124,11 +124,10 @@ def run(model: ModelLike | Loaded, *, allow_costlier: bool = False, fold: bool =
     inferred = infer_info(light)
     if inferred.problem:
         report.notes.append(f"shape inference failed ({inferred.problem}); values of unknown shape are not fused")
-    folded = constant_subgraphs(src, inferred, runtime) if fold else None
-    if folded and folded.values:
-        say(f"evaluated {len(folded.values)} constant subgraphs")
-        light = with_constants(light, folded.values)
-        inferred = infer_info(light)
+    folded = None
+    if fold:
+        say("evaluating constant subgraphs")
+        folded, light, inferred = fold_constants(light, src, inferred, set(runtime), infer_info)
         report.constants_folded = sorted(folded.values)
     say("importing the graph")
     try:

@@ -112,24 +112,27 @@ def nets(draw):
     return net, c, size
 
 
-def export(net: nn.Module, x, path: Path, dynamo: bool, opset: int) -> None:
+def export(net: nn.Module, x, path: Path, dynamo: bool, opset: int, dynamic_hw: bool = False,
+           constant_folding: bool = True) -> None:
     kwargs = {"input_names": ["x"], "output_names": ["y"], "opset_version": opset, "dynamo": dynamo}
     if dynamo:
         kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch", max=64)},)
     else:
-        kwargs["dynamic_axes"] = {"x": {0: "batch"}, "y": {0: "batch"}}
+        axes = {0: "batch", 2: "h", 3: "w"} if dynamic_hw else {0: "batch"}
+        kwargs["dynamic_axes"] = {"x": axes, "y": {0: "batch", 2: "oh", 3: "ow"} if dynamic_hw else {0: "batch"}}
+        kwargs["do_constant_folding"] = constant_folding
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         torch.onnx.export(net, (x,), str(path), **kwargs)
 
 
-def check_export_fuses(net, c: int, size: int, dynamo: bool, opset: int) -> None:
+def check_export_fuses(net, c: int, size: int, dynamo: bool, opset: int, **options) -> None:
     x = torch.randn(2, c, size, size)
     with torch.no_grad():
         expected = net(x).numpy()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "net.onnx"
-        export(net, x, path, dynamo, opset)
+        export(net, x, path, dynamo, opset, **options)
         model = onnx.load(str(path))
         fused, report = reparam.onnx.fuse(path, report=True)
         onnx.checker.check_model(fused, full_check=True)
@@ -157,6 +160,19 @@ DYNAMO = {**SETTINGS, "phases": [Phase.explicit, Phase.reuse, Phase.generate]}
 @given(nets(), st.sampled_from([13, 17]))
 def test_torchscript_export_fuses(net_c_size, opset):
     check_export_fuses(*net_c_size, dynamo=False, opset=opset)
+
+
+@settings(max_examples=8, **SETTINGS)
+@given(nets(), st.booleans())
+def test_torchscript_export_with_dynamic_spatial_sizes_fuses(net_c_size, constant_folding):
+    """Regression: with dynamic H and W every branch sum was refused (sizes not provably equal)."""
+    check_export_fuses(*net_c_size, dynamo=False, opset=17, dynamic_hw=True, constant_folding=constant_folding)
+
+
+@settings(max_examples=6, **SETTINGS)
+@given(nets())
+def test_torchscript_export_without_constant_folding_fuses(net_c_size):
+    check_export_fuses(*net_c_size, dynamo=False, opset=17, constant_folding=False)
 
 
 @settings(max_examples=3, **DYNAMO)
