@@ -330,9 +330,16 @@ class Translator:
         shape = self.info(name).shape
         if shape is None:
             return None
-        return tuple(d if isinstance(d, int) else
-                     ((("param", d) if isinstance(d, str) and not d.startswith("unk__") else (name, i)), 0, 1)
-                     for i, d in enumerate(shape))
+        fixed = self.spatial.get(name)  # spatial ints only where the graph itself fixes them
+        dims = []
+        for i, d in enumerate(shape):
+            if i >= 2 and fixed is not None and len(fixed) == len(shape) - 2:
+                dims.append(fixed[i - 2])
+            elif isinstance(d, int) and (i < 2 or fixed is not None):
+                dims.append(d)
+            else:
+                dims.append((("param", d) if isinstance(d, str) and not d.startswith("unk__") else (name, i), 0, 1))
+        return tuple(dims)
 
     def _sizes_after(self, op, data: str) -> tuple | None:
         dims = self._sizes_of(data)

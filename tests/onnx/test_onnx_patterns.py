@@ -549,3 +549,16 @@ def test_report_formats():
     d = report.to_dict()
     assert d["regions"][0]["convs_before"] == 2 and d["regions"][0]["convs_after"] == 1
     assert report.ops_after["BatchNormalization"] == 0
+
+
+def test_sizes_declared_only_in_value_info_are_not_trusted():
+    """A dynamic input with value_info claiming 4x4 conv outputs: the graph does not fix the size, so the
+    size-dependent sum stays refused (at H = 9 the branches would give 5 and 4 outputs)."""
+    b = Builder()
+    a = b.conv("x", C, C, k=3, pad=1, stride=2)
+    c = b.conv("x", C, C, k=2, pad=0, stride=2)
+    y = b.node("Relu", [b.node("Add", [a, c])])
+    declared = [helper.make_tensor_value_info(v, TensorProto.FLOAT, ["N", C, 4, 4]) for v in (a, c)]
+    model = b.model([("x", ["N", C, "H", "W"])], [(y, ["N", C, 4, 4])], value_info=declared)
+    fused, report = reparam.onnx.fuse(model, report=True)
+    assert ops(fused)["Conv"] == 2 and not report.fixed_size_regions
