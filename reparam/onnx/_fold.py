@@ -23,7 +23,7 @@ import onnx
 from onnx import TensorProto
 
 from ._graph import DEFAULT_DOMAINS, Inferred, subgraph_reads
-from .errors import OnnxModelError, one_line
+from .errors import one_line
 
 #: largest tensor (elements) a folded subgraph may read from an initializer or produce
 MAX_ELEMENTS = 1 << 20
@@ -38,6 +38,7 @@ class Folded:
 
     values: dict[str, np.ndarray] = field(default_factory=dict)
     nodes: int = 0
+    problem: str | None = None  # why a subgraph could not be evaluated (it is then kept as it is)
 
 
 def _elements(t: TensorProto) -> int:
@@ -64,6 +65,7 @@ def fold_constants(light: onnx.ModelProto, src: onnx.ModelProto, inferred: Infer
     current = light
     for _ in range(rounds):
         new = constant_subgraphs(current, inits, inferred)
+        total.problem = total.problem or new.problem
         if not new.values:
             break
         total.values.update(new.values)
@@ -118,7 +120,11 @@ def constant_subgraphs(model: onnx.ModelProto, inits: dict[str, TensorProto], in
               and v not in outer and _fits(inferred, v)]
     if not wanted:
         return Folded()
-    values = _evaluate(model, cone, inits, shape_feeds, wanted, inferred)
+    try:
+        values = _evaluate(model, cone, inits, shape_feeds, wanted, inferred)
+    except Exception as err:  # the reference implementation raises plain exceptions; keep the subgraphs
+        return Folded(problem=f"the constant subgraph computing {wanted[0]!r} could not be evaluated "
+                              f"({one_line(err, 200)}); it is kept")
     needed = _needed(cone, set(values))
     return Folded(values, len(needed))
 
@@ -158,11 +164,7 @@ def _evaluate(model: onnx.ModelProto, cone: list[onnx.NodeProto], inits: dict[st
                                    initializer=[inits[n] for n in sorted(reads) if n in inits])
     sub = onnx.helper.make_model(graph, opset_imports=[o for o in model.opset_import if o.domain in DEFAULT_DOMAINS],
                                  ir_version=model.ir_version)
-    try:
-        results = ReferenceEvaluator(sub).run(None, feeds)
-    except Exception as err:  # the reference implementation raises plain exceptions
-        raise OnnxModelError(f"cannot evaluate the constant subgraph computing {wanted[0]!r} "
-                             f"({one_line(err, 200)})") from None
+    results = ReferenceEvaluator(sub).run(None, feeds)
     out = {}
     for name, value in zip(wanted, results):
         value = np.asarray(value)

@@ -129,6 +129,8 @@ def run(model: ModelLike | Loaded, *, allow_costlier: bool = False, fold: bool =
         say("evaluating constant subgraphs")
         folded, light, inferred = fold_constants(light, src, inferred, set(runtime), infer_info)
         report.constants_folded = sorted(folded.values)
+        if folded.problem:
+            report.notes.append(folded.problem)
     say("importing the graph")
     try:
         graph = gs.import_onnx(src)

@@ -149,3 +149,17 @@ def test_torchscript_pad_export_fuses_with_and_without_constant_folding(do_const
     got = session(fused).run(None, {"x": x.numpy()})[0]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
     assert reparam.onnx.compare(model, fused, dims={"N": 3}).ok
+
+
+def test_a_subgraph_the_evaluator_cannot_run_is_kept_with_a_note(monkeypatch):
+    from reparam.onnx import _fold
+
+    def broken(*a, **k):
+        raise RuntimeError("no kernel")
+
+    monkeypatch.setattr(_fold, "_evaluate", broken)
+    b = Builder()
+    padded = b.node("Pad", ["x", _pads_subgraph(b, [1, 1, 1, 1])], mode="constant")
+    y = b.node("Relu", [b.bn(b.conv(padded, C, C, pad=0), C)])
+    fused, report = fuse_checked(b.model([("x", [1, C, 8, 8])], [(y, None)]))
+    assert ops(fused)["Pad"] == 1 and any("could not be evaluated" in n for n in report.notes)
