@@ -135,7 +135,7 @@ def describe_check_error(err: BaseException) -> str:
     if m is None:
         return one_line(_ERROR_TAG.sub("", text), 300)
     op, name = m.group(1).strip(), m.group(2).strip()
-    rest = _ERROR_TAG.sub("", text[m.end():])
+    rest = _ERROR_TAG.sub("", text[m.end():]).split(" (op_type:")[0]  # the first error; later ones follow from it
     where = f"node {name!r} ({op})" if name else f"an unnamed {op} node"
     return one_line(f"{where}: {rest}", 300)
 

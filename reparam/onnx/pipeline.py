@@ -129,6 +129,8 @@ def run(model: ModelLike | Loaded, *, allow_costlier: bool = False, fold: bool =
         say("evaluating constant subgraphs")
         folded, light, inferred = fold_constants(light, src, inferred, set(runtime), infer_info)
         report.constants_folded = sorted(folded.values)
+        if folded.values:  # an evaluated value may show what inference could not see (e.g. too few pads)
+            check_skeleton(light, "invalid ONNX model once its constant subgraphs are evaluated")
         if folded.problem:
             report.notes.append(folded.problem)
     say("importing the graph")

@@ -163,3 +163,16 @@ def test_a_subgraph_the_evaluator_cannot_run_is_kept_with_a_note(monkeypatch):
     y = b.node("Relu", [b.bn(b.conv(padded, C, C, pad=0), C)])
     fused, report = fuse_checked(b.model([("x", [1, C, 8, 8])], [(y, None)]))
     assert ops(fused)["Pad"] == 1 and any("could not be evaluated" in n for n in report.notes)
+
+
+def test_an_input_invalid_once_its_constants_are_evaluated_is_rejected():
+    """Found by fuzzing: pads computed in the graph with the wrong count passed the checker (inference cannot
+    see the value), and the fused output then failed it; now the input is rejected, naming the node."""
+    b = Builder()
+    padded = b.node("Pad", ["x", _pads_subgraph(b, [1] * 6)], mode="constant")  # 10 pads for a rank-4 input
+    b.nodes[-1].name = "pad"
+    y = b.node("Relu", [b.bn(b.conv(padded, C, C, pad=0), C)])
+    model = b.model([("x", [1, C, 8, 8])], [(y, [1, C, 8, 8])])
+    with pytest.raises(reparam.onnx.OnnxModelError,
+                       match=r"^invalid ONNX model once its constant subgraphs are evaluated: node 'pad' \(Pad\)"):
+        reparam.onnx.fuse(model)
