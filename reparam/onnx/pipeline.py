@@ -49,6 +49,8 @@ ModelLike = onnx.ModelProto | str | os.PathLike
 GS_PAD_MODES = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}
 # a region made only of these stays as it is rather than becoming a conv (elementwise ops are cheaper)
 ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Sum", "Identity", "Dropout"})
+# ops a region's emitted convs may stand for: a region never runs more convs than it had (a Pad stays a Pad)
+CONV_LIKE = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "AveragePool"})
 
 
 @overload
@@ -295,6 +297,7 @@ class _Rewriter:
         self.names = names
         self.report = report
         self.tl = tl
+        self.wired: dict[str, str] = {}  # exit of a region wired through -> the value it passes on
 
     # -- training-mode BN ------------------------------------------------------------------------------
     def convert_training_bn(self) -> None:
@@ -408,12 +411,20 @@ class _Rewriter:
                 continue
             if all(n.op in ELEMENTWISE for n in nodes) and any(lw.conv is not None for lw in lowered):
                 continue
+            if sum(op in ("Conv", "Gemm") for op in emitted) > sum(n.op in CONV_LIKE for n in nodes):
+                exit_node = tr.producers[region.exit]
+                self.report.refusals.append(Refused(
+                    exit_node.name, exit_node.op, region.exit,
+                    f"collapsing {', '.join(n.op for n in nodes)} would run a conv where the graph runs none; "
+                    "kept as it is"))
+                continue
             for n in nodes:
                 n.inputs.clear()
                 n.outputs.clear()
                 removed.add(id(n))
             if rewire:
-                src = tensors[lowered[0].term.source]
+                src = self._source(tensors, lowered[0].term.source)
+                self.wired[region.exit] = src.name
                 for consumer in list(exit_var.outputs):
                     for i, t in enumerate(consumer.inputs):
                         if t is exit_var:
@@ -425,6 +436,12 @@ class _Rewriter:
                 region.exit, tuple(n.op for n in nodes), tuple(n.name for n in nodes), tuple(emitted),
                 tuple(t.source for t in region.terms), tuple(sized)))
         self.graph.nodes = [n for n in self.graph.nodes if id(n) not in removed] + added
+
+    def _source(self, tensors: dict, name: str) -> gs.Tensor:
+        """The tensor a term reads: a region wired through earlier (an identity) stands for its own source."""
+        while name in self.wired:
+            name = self.wired[name]
+        return tensors[name]
 
     @staticmethod
     def _fixed_sizes(tr: Translation, region: core.Region) -> tuple[str, ...]:
@@ -477,9 +494,9 @@ class _Rewriter:
         values: list[gs.Tensor] = []
         last = len(lowered) == 1
         if last and lowered[0].conv is None:  # the region is the identity: keep the exit's name
-            return [self._node("Identity", base, [tensors[lowered[0].term.source]], [exit_var])]
+            return [self._node("Identity", base, [self._source(tensors, lowered[0].term.source)], [exit_var])]
         for lw in lowered:
-            src = tensors[lw.term.source]
+            src = self._source(tensors, lw.term.source)
             if lw.conv is None:
                 values.append(src)
                 continue

@@ -562,3 +562,28 @@ def test_sizes_declared_only_in_value_info_are_not_trusted():
     model = b.model([("x", ["N", C, "H", "W"])], [(y, ["N", C, 4, 4])], value_info=declared)
     fused, report = reparam.onnx.fuse(model, report=True)
     assert ops(fused)["Conv"] == 2 and not report.fixed_size_regions
+
+
+def _identity_affine(b: Builder, x: str) -> str:
+    """timm's LearnableAffineBlock at its initial values: x * 1 + 0 (an identity region)."""
+    return b.node("Add", [b.node("Mul", [x, b.const(np.ones(1, np.float32))]), b.const(np.zeros(1, np.float32))])
+
+
+def test_region_reading_an_identity_region_wired_through_earlier():
+    """Regression (timm hgnetv2_b0): an identity region was wired through, then a later region's new conv
+    still read its removed exit and the output was not a valid graph."""
+    b = Builder()
+    a = _identity_affine(b, b.node("Relu", ["x"]))
+    y = b.node("Add", [b.node("Relu", [a]), b.bn(b.conv(a, C, C), C)])
+    fused, report = fuse_checked(b.model([X], [(y, None)]))
+    assert ops(fused)["Conv"] == 1 and "Mul" not in ops(fused), report.format()
+
+
+def test_pad_region_without_a_conv_stays_a_pad():
+    """Regression (hgnetv2_b0's stem): Mul(1), Add(0), Pad before a MaxPool became a padding Conv."""
+    b = Builder()
+    padded = b.node("Pad", [_identity_affine(b, b.node("Relu", ["x"])), b.const(np.array([0, 0, 1, 1] * 2, np.int64))])
+    y = b.node("MaxPool", [padded], kernel_shape=[2, 2])
+    fused, report = fuse_checked(b.model([X], [(y, None)]))
+    assert ops(fused)["Conv"] == 0 and ops(fused)["Pad"] == 1
+    assert "would run a conv where the graph runs none" in reasons(report)
