@@ -396,7 +396,8 @@ class _Rewriter:
             nodes = list({id(tr.producers[n]): tr.producers[n] for n in region.nodes}.values())
             dtype = self._dtype(region, nodes)
             try:
-                lowered = [self._lower(t, dtype) for t in region.terms]
+                convless = not any(n.op in CONV_LIKE for n in nodes)
+                lowered = [self._lower(t, dtype, convless) for t in region.terms]
             except NotFusable as err:
                 exit_node = tr.producers[region.exit]
                 self.report.refusals.append(Refused(exit_node.name, exit_node.op, region.exit, str(err)))
@@ -407,8 +408,9 @@ class _Rewriter:
             emitted = [op for lw in lowered for op in lw.ops] + ["Add"] * (len(lowered) - 1)
             if len(lowered) == 1 and lowered[0].conv is None and not rewire:
                 emitted = ["Identity"]
-            if len(emitted) >= len(nodes):
-                continue
+            removes_bn = any(n.op == "BatchNormalization" for n in nodes)
+            if len(emitted) > len(nodes) or (len(emitted) == len(nodes) and not removes_bn):
+                continue  # never more nodes; as many only to replace a BatchNormalization (x + BN(x): Mul, Add)
             if all(n.op in ELEMENTWISE for n in nodes) and any(lw.conv is not None for lw in lowered):
                 continue
             if sum(op in ("Conv", "Gemm") for op in emitted) > sum(n.op in CONV_LIKE for n in nodes):
@@ -460,7 +462,8 @@ class _Rewriter:
                     return w.dtype
         return np.float32
 
-    def _lower(self, term: core.Term, dtype) -> _Lowered:
+    def _lower(self, term: core.Term, dtype, convless: bool = False) -> _Lowered:
+        """How a term is written; ``convless``: the region runs no conv, so a per-channel term is Mul/Add."""
         if term.identity:
             return _Lowered(term, None, [])
         if term.kernel.geometry.ndim == 0:
@@ -472,6 +475,12 @@ class _Rewriter:
                 has_bias = conv.bias is not None and bool(np.any(conv.bias != 0))
                 return _Lowered(term, conv, ["Mul"] + (["Add"] if has_bias else []))
             return _Lowered(term, conv, ["Gemm"])
+        geo = term.kernel.geometry
+        if convless and (geo.groups == geo.out_channels == geo.in_channels and geo.is_pointwise
+                         and not geo.is_padded and all(v == 1 for v in geo.stride)):  # BN-only branches
+            conv = term.cast(dtype)
+            has_bias = conv.bias is not None and bool(np.any(conv.bias != 0))
+            return _Lowered(term, conv, ["Mul"] + (["Add"] if has_bias else []))
         conv = term.cast(dtype)
         if conv.is_padded and conv.padding_mode != "zeros":
             if conv.padding_mode == "circular" and self.opset < 19:
@@ -512,13 +521,15 @@ class _Rewriter:
 
     def _emit_term(self, lw: _Lowered, src: gs.Tensor, out: gs.Variable, base: str) -> list[gs.Node]:
         conv = lw.conv
-        bias = None if conv.bias is None else self._const(f"{base}/reparam/B", conv.bias)
         if lw.ops[0] == "Mul":
-            scale = self._const(f"{base}/reparam/scale", conv.weight.reshape(-1))
+            per_channel = (-1,) + (1,) * conv.ndim  # [C] on a [N, C] matrix, [C, 1, ..] on an image
+            scale = self._const(f"{base}/reparam/scale", conv.weight.reshape(per_channel))
             if len(lw.ops) == 1:
                 return [self._node("Mul", base, [src, scale], [out])]
             mid = self._var(f"{base}/reparam/scaled")
+            bias = self._const(f"{base}/reparam/B", conv.bias.reshape(per_channel))
             return [self._node("Mul", base, [src, scale], [mid]), self._node("Add", base, [mid, bias], [out])]
+        bias = None if conv.bias is None else self._const(f"{base}/reparam/B", conv.bias)
         weight = self._const(f"{base}/reparam/W", conv.weight)
         if lw.ops == ["Gemm"]:
             return [self._node("Gemm", base, [src, weight] + ([bias] if bias is not None else []), [out],

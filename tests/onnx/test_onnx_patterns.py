@@ -587,3 +587,16 @@ def test_pad_region_without_a_conv_stays_a_pad():
     fused, report = fuse_checked(b.model([X], [(y, None)]))
     assert ops(fused)["Conv"] == 0 and ops(fused)["Pad"] == 1
     assert "would run a conv where the graph runs none" in reasons(report)
+
+
+def test_bn_only_and_identity_branches_become_mul_add_not_a_conv():
+    """x + BN(x) (and BN-only sums): a per-channel affine; written as Mul/Add, since a depthwise conv would
+    run a conv where the graph runs none, and the BatchNormalization goes."""
+    b = Builder()
+    y = b.node("Relu", [b.node("Add", [b.node("Add", ["x", b.bn("x", C)]), b.bn("x", C)])])
+    fused, report = fuse_checked(b.model([X], [(y, None)]))
+    assert ops(fused) == {"Mul": 1, "Add": 1, "Relu": 1}, report.format()
+    b = Builder()
+    y = b.node("Relu", [b.node("Add", ["x", b.bn("x", C)])])
+    fused, _ = fuse_checked(b.model([X], [(y, None)]))
+    assert ops(fused) == {"Mul": 1, "Add": 1, "Relu": 1}
