@@ -476,8 +476,14 @@ class _Rewriter:
                 return _Lowered(term, conv, ["Mul"] + (["Add"] if has_bias else []))
             return _Lowered(term, conv, ["Gemm"])
         geo = term.kernel.geometry
-        if convless and (geo.groups == geo.out_channels == geo.in_channels and geo.is_pointwise
-                         and not geo.is_padded and all(v == 1 for v in geo.stride)):  # BN-only branches
+        channelwise = (geo.groups == geo.out_channels == geo.in_channels and geo.is_pointwise
+                       and all(v == 1 for v in geo.stride))
+        if convless and channelwise and geo.is_padded:  # x * 1 + 0 then Pad (an identity affine): just the Pad
+            conv = term.cast(dtype)
+            if np.all(conv.weight == 1) and (conv.bias is None or not np.any(conv.bias)) and not (
+                    conv.padding_mode == "circular" and self.opset < 19):
+                return _Lowered(term, conv, ["Pad"])
+        if convless and channelwise and not geo.is_padded:  # BN-only branches
             conv = term.cast(dtype)
             has_bias = conv.bias is not None and bool(np.any(conv.bias != 0))
             return _Lowered(term, conv, ["Mul"] + (["Add"] if has_bias else []))
@@ -539,10 +545,12 @@ class _Rewriter:
         if lw.ops[0] == "Pad":
             nd = conv.ndim
             pad_values = [0, 0] + pads[:nd] + [0, 0] + pads[nd:]
-            padded = self._var(f"{base}/reparam/padded")
+            padded = out if lw.ops == ["Pad"] else self._var(f"{base}/reparam/padded")
             nodes.append(self._node("Pad", base, [src, self._const(f"{base}/reparam/pads",
                                                                     np.array(pad_values, np.int64))],
-                                    [padded], {"mode": GS_PAD_MODES[conv.padding_mode]}))
+                                    [padded], {"mode": GS_PAD_MODES.get(conv.padding_mode, "constant")}))
+            if lw.ops == ["Pad"]:
+                return nodes
             src, pads = padded, [0] * (2 * nd)
         attrs = {"kernel_shape": list(conv.kernel_size), "strides": list(conv.stride), "pads": pads,
                  "dilations": list(conv.dilation), "group": conv.groups}
