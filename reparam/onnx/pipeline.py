@@ -395,9 +395,11 @@ class _Rewriter:
             say(f"computing fused kernels: region {k + 1} of {len(plan.regions)}")
             nodes = list({id(tr.producers[n]): tr.producers[n] for n in region.nodes}.values())
             dtype = self._dtype(region, nodes)
+            budget = sum(n.op in CONV_LIKE for n in nodes)  # never more convs than the region runs
             try:
-                convless = not any(n.op in CONV_LIKE for n in nodes)
-                lowered = [self._lower(t, dtype, convless) for t in region.terms]
+                lowered = [self._lower(t, dtype, budget == 0) for t in region.terms]
+                if sum(op in ("Conv", "Gemm") for lw in lowered for op in lw.ops) > budget:
+                    lowered = [self._lower(t, dtype, True) for t in region.terms]  # per-channel terms as Mul/Add
             except NotFusable as err:
                 exit_node = tr.producers[region.exit]
                 self.report.refusals.append(Refused(exit_node.name, exit_node.op, region.exit, str(err)))
@@ -413,7 +415,7 @@ class _Rewriter:
                 continue  # never more nodes; as many only to replace a BatchNormalization (x + BN(x): Mul, Add)
             if all(n.op in ELEMENTWISE for n in nodes) and any(lw.conv is not None for lw in lowered):
                 continue
-            if sum(op in ("Conv", "Gemm") for op in emitted) > sum(n.op in CONV_LIKE for n in nodes):
+            if sum(op in ("Conv", "Gemm") for op in emitted) > budget:
                 exit_node = tr.producers[region.exit]
                 self.report.refusals.append(Refused(
                     exit_node.name, exit_node.op, region.exit,
@@ -463,7 +465,8 @@ class _Rewriter:
         return np.float32
 
     def _lower(self, term: core.Term, dtype, convless: bool = False) -> _Lowered:
-        """How a term is written; ``convless``: the region runs no conv, so a per-channel term is Mul/Add."""
+        """How a term is written; ``convless``: per-channel terms as Mul/Add rather than depthwise 1x1 convs
+        (the region runs no conv, or not enough convs to pay for one)."""
         if term.identity:
             return _Lowered(term, None, [])
         if term.kernel.geometry.ndim == 0:
