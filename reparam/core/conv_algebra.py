@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from collections.abc import Sequence
 from math import gcd
 
 import numpy as np
@@ -137,8 +138,12 @@ def _merged_mode(convs: list[Conv], what: str) -> str:
     return modes.pop() if modes else "zeros"
 
 
-def sum_geometry(convs: list[Conv]) -> Conv:
-    """The geometry of :func:`sum_convs` (all its legality checks) with a zero-memory placeholder kernel."""
+def sum_geometry(convs: list[Conv], sizes: Sequence[int | None] | None = None) -> Conv:
+    """The geometry of :func:`sum_convs` (all its legality checks) with a zero-memory placeholder kernel.
+
+    ``sizes``: the input's spatial sizes where they are fixed (None, or None in a dim, where they are not).
+    A dim where the reaches differ is then legal if the output sizes agree at that size.
+    """
     if not convs:
         raise NotFusable("nothing to sum")
     first = convs[0]
@@ -148,12 +153,21 @@ def sum_geometry(convs: list[Conv]) -> Conv:
                 raise NotFusable(
                     f"branch sum: {attr} differs ({getattr(first, attr)} vs {getattr(c, attr)})")
     nd = first.ndim
+    outs: dict[int, int] = {}  # dim -> the output size shared at the fixed input size (dims whose reaches differ)
     for i in range(nd):
         reaches = [reach(c, i) for c in convs]
-        if len(set(reaches)) > 1:
-            desc = [f"k={c.kernel_size[i]} pad={c.padding[i]} dil={c.dilation[i]}" for c in convs]
-            raise NotFusable(f"branch sum: windows do not align in dim {i}; output sizes differ "
-                             f"({'; '.join(desc)})")
+        if len(set(reaches)) == 1:
+            continue
+        desc = "; ".join(f"k={c.kernel_size[i]} pad={c.padding[i]} dil={c.dilation[i]}" for c in convs)
+        n = None if sizes is None else sizes[i]
+        if n is None:
+            raise NotFusable(f"branch sum: windows do not align in dim {i}; output sizes differ for some input "
+                             f"sizes ({desc})")
+        sizes_out = {(n + r - 1) // first.stride[i] + 1 for r in reaches}
+        if len(sizes_out) > 1:
+            raise NotFusable(f"branch sum: windows do not align in dim {i}; output sizes differ at input size {n} "
+                             f"({sorted(sizes_out)}; {desc})")
+        outs[i] = sizes_out.pop()
     mode = _merged_mode(convs, "branch sum")
     groups = _gcd_all(c.groups for c in convs)
     start, dil, kern = [], [], []
@@ -167,19 +181,35 @@ def sum_geometry(convs: list[Conv]) -> Conv:
         kern.append((max(ends) - s0) // d + 1)
     start, dil, kern = tuple(start), tuple(dil), tuple(kern)
     _, pads = _window_slices(first, start, dil, kern)
+    if outs:
+        pads = list(pads)
+        for i, out in outs.items():
+            pads[i] = (pads[i][0], _end_padding(sizes[i], out, first.stride[i], pads[i][0], dil[i] * (kern[i] - 1)))
+        pads = tuple(pads)
     shape = (first.out_channels, first.in_channels // groups, *kern)
     return Conv(zeros_placeholder(shape), None, stride=first.stride, padding=pads, dilation=dil,
                 groups=groups, padding_mode=mode)
 
 
-def sum_convs(convs: list[Conv]) -> Conv:
+def _end_padding(n: int, out: int, stride: int, begin: int, extent: int) -> int:
+    """The least end padding giving ``out`` outputs on ``n`` inputs for a window of ``extent + 1`` cells.
+
+    It covers every cell the last output reads (each branch read the same cells, inside its own padding).
+    """
+    end = max(0, (out - 1) * stride + extent - (n - 1 + begin))
+    if (n + begin + end - extent - 1) // stride + 1 != out:
+        raise NotFusable(f"branch sum: at input size {n} the merged window would need a crop to give {out} outputs")
+    return end
+
+
+def sum_convs(convs: list[Conv], sizes: Sequence[int | None] | None = None) -> Conv:
     """One conv computing the sum of convs applied to the same input.
 
-    Legal when channels, ndim and stride agree and every output size agrees for every input size. The
-    merged window is the union of the branches' windows, at the gcd of their dilations; grouped kernels
-    expand block-diagonally to the gcd of the groups.
+    Legal when channels, ndim and stride agree and every output size agrees for every input size (or, in
+    a dim whose input size ``sizes`` fixes, at that size). The merged window is the union of the branches'
+    windows, at the gcd of their dilations; grouped kernels expand block-diagonally to the gcd of the groups.
     """
-    geo = sum_geometry(convs)
+    geo = sum_geometry(convs, sizes)
     if len(convs) == 1:
         return convs[0]
     start = tuple(-b for b, _ in geo.padding)

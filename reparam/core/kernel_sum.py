@@ -12,6 +12,7 @@ they may be views of the caller's tensors.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -192,11 +193,12 @@ def _add_rows(block: np.ndarray, p: Part, where: tuple, groups: int, r0: int, r1
         _add_regrouped(block, w, p.conv.groups, groups, where, (r0, r1, p.conv.out_channels))
 
 
-def sum_kernels(kernels: list[KernelSum]) -> KernelSum:
-    """The deferred sum of kernels applied to one input; legality as :func:`conv_algebra.sum_convs`."""
+def sum_kernels(kernels: list[KernelSum], sizes: Sequence[int | None] | None = None) -> KernelSum:
+    """The deferred sum of kernels applied to one input; legality as :func:`conv_algebra.sum_convs`
+    (``sizes``: the input's fixed spatial sizes, if any)."""
     if len(kernels) == 1:
         return kernels[0]
-    geometry = sum_geometry([k.geometry for k in kernels])
+    geometry = sum_geometry([k.geometry for k in kernels], sizes)
     return KernelSum(geometry, tuple(p for k in kernels for p in k.parts))
 
 

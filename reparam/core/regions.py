@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .conv_algebra import avgpool_conv, compose, identity, pad_conv
+from .conv_algebra import avgpool_conv, compose, identity, pad_conv, reach
 from .errors import NotFusable, ReparamError
 from .kernel_sum import KernelSum, sum_kernels
 from .precision import cast_conv, conv64, f64
@@ -37,6 +37,7 @@ class Node:
     channels: int | None = None
     ndim: int | None = None
     payload: Any = None
+    spatial: tuple[int, ...] | None = None  # the value's spatial sizes where the graph fixes them
 
 
 class Term:
@@ -139,6 +140,7 @@ class Refusal:
 class Plan:
     regions: list[Region] = field(default_factory=list)
     refusals: list[Refusal] = field(default_factory=list)
+    sized: set[str] = field(default_factory=set)  # adds whose branch sum is exact only at the fixed spatial sizes
 
 
 @dataclass
@@ -159,19 +161,25 @@ class LinearGraph:
         self.outputs: set[str] = set()
 
     def add(self, name: str, op: LinearOp | None, inputs: Sequence[str] = (), *, channels: int | None = None,
-            ndim: int | None = None, payload: Any = None) -> str:
-        """Append a node (inputs must already exist); returns its name."""
+            ndim: int | None = None, payload: Any = None, spatial: Sequence[int] | None = None) -> str:
+        """Append a node (inputs must already exist); returns its name.
+
+        ``spatial``: the node's spatial output sizes where the graph fixes them; branch sums read from it
+        may then use the sum rule at those sizes (``Plan.sized`` lists them) instead of for every size.
+        """
         if name in self.nodes:
             raise ReparamError(f"duplicate node name {name!r}")
         for i in inputs:
             if i not in self.nodes:
                 raise ReparamError(f"node {name!r} reads unknown node {i!r}")
-        self.nodes[name] = Node(name, op, list(inputs), channels, ndim, payload)
+        self.nodes[name] = Node(name, op, list(inputs), channels, ndim, payload,
+                                None if spatial is None else tuple(int(v) for v in spatial))
         return name
 
-    def input(self, name: str, channels: int | None = None, ndim: int | None = None) -> str:
+    def input(self, name: str, channels: int | None = None, ndim: int | None = None,
+              spatial: Sequence[int] | None = None) -> str:
         """Add a graph input (an opaque node without inputs)."""
-        return self.add(name, None, (), channels=channels, ndim=ndim)
+        return self.add(name, None, (), channels=channels, ndim=ndim, spatial=spatial)
 
     def mark_output(self, *names: str) -> None:
         """Values read outside the graph: they are always materialized."""
@@ -227,6 +235,7 @@ class _Planner:
         self.exits: set[str] = set()
         self.opaque: set[str] = {n for n, node in graph.nodes.items() if node.op is None}
         self.refusals: list[Refusal] = []
+        self.sized: set[str] = set()
 
     # -- sources -------------------------------------------------------------------------------------
     def _source_shape(self, name: str) -> tuple[int, int]:
@@ -354,7 +363,9 @@ class _Planner:
         for v in ins:
             for s, t in v.terms.items():
                 grouped.setdefault(s, []).append(t)
-        terms = {s: sum_kernels(ts) for s, ts in grouped.items()}
+        terms = {s: sum_kernels(ts, self.g.nodes[s].spatial) for s, ts in grouped.items()}
+        if any(len({reach(t.geometry, i) for t in ts}) > 1 for ts in grouped.values() for i in range(ins[0].ndim)):
+            self.sized.add(self.current)
         if self.current in self.guarded:
             before = sum(_value_cost(v) for v in ins)
             after = float(sum(macs_per_output(t.geometry) for t in terms.values()))
@@ -401,7 +412,7 @@ class _Planner:
                 if str(err) != self.refusals[-1].reason:
                     self.refusals.append(Refusal(name, str(err)))
                 self._make_opaque(name)
-        return Plan(self._regions(), self.refusals)
+        return Plan(self._regions(), self.refusals, self.sized)
 
     def _choose_exits(self) -> None:
         """Materialize graph outputs, values read by opaque nodes, and values whose readers lead to more than

@@ -6,6 +6,8 @@ with the failed condition when they do not hold.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from . import conv_algebra as _alg
@@ -94,9 +96,10 @@ def regroup(conv: Conv, groups: int) -> Conv:
     return cast_conv(_alg.regroup(conv64(conv), groups), conv.dtype)
 
 
-def sum_convs(convs: list[Conv]) -> Conv:
-    """One conv equal to the sum of convs reading the same input (see ``conv_algebra.sum_convs``)."""
-    return cast_conv(_alg.sum_convs([conv64(c) for c in convs]), convs[0].dtype)
+def sum_convs(convs: list[Conv], sizes: Sequence[int | None] | None = None) -> Conv:
+    """One conv equal to the sum of convs reading the same input (see ``conv_algebra.sum_convs``);
+    ``sizes`` fixes the input's spatial sizes, so branches whose output sizes agree only there sum too."""
+    return cast_conv(_alg.sum_convs([conv64(c) for c in convs], sizes), convs[0].dtype)
 
 
 def compose(first: Conv, second: Conv) -> Conv:

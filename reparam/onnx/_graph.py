@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from .errors import one_line
-from .io import skeleton
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 # element types a fused value may have: Conv and Gemm exist for these in opsets 13-21 (not for bfloat16,
@@ -72,40 +73,89 @@ def _info_of(vi: onnx.ValueInfoProto) -> TensorInfo:
     return TensorInfo(elem, tuple(dims))
 
 
-def infer_info(model: onnx.ModelProto) -> tuple[dict[str, TensorInfo], str | None]:
-    """Types and shapes of the main graph's values after ONNX shape inference (on a weight-free skeleton).
+@dataclass
+class Inferred:
+    """What shape inference tells about the main graph's values.
 
-    Returns the map and, when inference failed, why (the map then holds only what the model declared).
+    ``infos``: element types and shapes, the model's declared value_info included; ``spatial``: the spatial
+    sizes (dims 2..) that the graph itself fixes, inferred from the graph inputs alone (declared value_info
+    and output shapes left out, so a size only written into the model's annotations is never trusted).
     """
-    light = skeleton(model)
-    problem = None
+
+    infos: dict[str, TensorInfo]
+    spatial: dict[str, tuple[int, ...]]
+    problem: str | None = None
+
+    def info(self, name: str) -> TensorInfo:
+        return self.infos.get(name, UNKNOWN)
+
+
+def _infer(light: onnx.ModelProto) -> tuple[onnx.GraphProto, str | None]:
     try:
-        light = onnx.shape_inference.infer_shapes(light, data_prop=True)
+        return onnx.shape_inference.infer_shapes(light, strict_mode=True, data_prop=True).graph, None
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError) as err:
-        problem = one_line(err, 200)
+        return light.graph, one_line(err, 200)
+
+
+def infer_info(light: onnx.ModelProto) -> Inferred:
+    """Run shape inference on a weight-free skeleton (see :func:`reparam.onnx.io.skeleton`), twice: with the
+    declared value_info, and from the inputs alone for the sizes the graph fixes."""
+    g, problem = _infer(light)
     infos: dict[str, TensorInfo] = {}
-    g = light.graph
     for vi in list(g.value_info) + list(g.input) + list(g.output):
         infos[vi.name] = _info_of(vi)
     for t in g.initializer:
         infos.setdefault(t.name, TensorInfo(t.data_type, tuple(int(d) for d in t.dims)))
-    return infos, problem
+    bare = onnx.ModelProto()
+    bare.CopyFrom(light)
+    del bare.graph.value_info[:]
+    for out in bare.graph.output:
+        if out.type.HasField("tensor_type"):
+            out.type.tensor_type.ClearField("shape")
+    gb, _ = _infer(bare)
+    spatial = {}
+    for vi in list(gb.value_info) + list(gb.input) + list(gb.output):
+        shape = _info_of(vi).shape
+        if shape is not None and len(shape) > 2 and all(isinstance(d, int) for d in shape[2:]):
+            spatial[vi.name] = tuple(shape[2:])
+    return Inferred(infos, spatial, problem)
 
 
-def const_value(t: gs.Tensor, graph_inputs: set[str]) -> np.ndarray | None:
+def tensor_view(t: onnx.TensorProto, raw: bytes | None = None) -> np.ndarray:
+    """An initializer's values as a read-only array over its raw little-endian data (``raw``: those bytes,
+    already read) without a further copy."""
+    if t.data_location != TensorProto.EXTERNAL and sys.byteorder == "little" and (raw is not None
+                                                                                 or t.HasField("raw_data")):
+        raw = t.raw_data if raw is None else raw
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+        if dtype.kind in "fiub" and dtype.itemsize * int(np.prod(t.dims, dtype=np.int64)) == len(raw):
+            return np.frombuffer(raw, dtype).reshape(tuple(t.dims))
+    return onnx.numpy_helper.to_array(t)
+
+
+def const_value(t: gs.Tensor, graph_inputs: set[str], cache: dict | None = None,
+                payloads: dict[str, bytes] | None = None) -> np.ndarray | None:
     """The value of ``t`` if it is an initializer or a Constant node's output, possibly through Identity
-    nodes (not a graph input, which the caller may override)."""
+    nodes (not a graph input, which the caller may override).  ``cache`` keeps arrays read by name;
+    ``payloads`` holds raw data already read (see :func:`reparam.onnx.io.check_payloads`)."""
     if t.is_empty() or t.name in graph_inputs:
         return None
     if isinstance(t, gs.Constant):
-        return np.asarray(t.values)
+        if cache is not None and t.name in cache:
+            return cache[t.name]
+        lazy = t._values
+        value = (tensor_view(lazy.tensor, (payloads or {}).get(t.name)) if isinstance(lazy, LazyValues)
+                 else np.asarray(t.values))
+        if cache is not None:
+            cache[t.name] = value
+        return value
     if len(t.inputs) != 1:
         return None
     node = t.inputs[0]
     if node.domain not in (None, *DEFAULT_DOMAINS):
         return None
     if node.op == "Identity" and node.inputs:  # the TorchScript exporter aliases equal initializers this way
-        return const_value(node.inputs[0], graph_inputs)
+        return const_value(node.inputs[0], graph_inputs, cache, payloads)
     if node.op != "Constant":
         return None
     a = node.attrs
@@ -120,6 +170,17 @@ def const_value(t: gs.Tensor, graph_inputs: set[str]) -> np.ndarray | None:
     if "value_ints" in a:
         return np.asarray(a["value_ints"], np.int64)
     return None
+
+
+def subgraph_reads(graph: onnx.GraphProto) -> set[str]:
+    """Every name read by a node of a subgraph nested in ``graph`` (at any depth)."""
+    names: set[str] = set()
+    for node in graph.node:
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                names.update(i for n in sub.node for i in n.input)
+                names |= subgraph_reads(sub)
+    return names
 
 
 def free_names(graph: gs.Graph) -> set[str]:
@@ -190,5 +251,5 @@ def is_default_domain(node: gs.Node) -> bool:
     return node.domain in (None, *DEFAULT_DOMAINS)
 
 
-__all__ = ["FLOAT_TYPES", "UNKNOWN", "Names", "TensorInfo", "all_names", "const_value", "free_names",
-           "implicit_uses", "infer_info", "is_default_domain"]
+__all__ = ["FLOAT_TYPES", "UNKNOWN", "Inferred", "Names", "TensorInfo", "all_names", "const_value", "free_names",
+           "implicit_uses", "infer_info", "is_default_domain", "subgraph_reads", "tensor_view"]

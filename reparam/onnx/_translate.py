@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 from reparam import core
 from reparam.core.errors import ReparamError
 
-from ._graph import UNKNOWN, TensorInfo, const_value, implicit_uses, is_default_domain
+from ._graph import UNKNOWN, Inferred, TensorInfo, const_value, implicit_uses, is_default_domain
 
 PAD_MODES = {"constant": "zeros", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}
 
@@ -47,13 +47,19 @@ def is_training_bn(node: gs.Node, opset: int) -> bool:
 
 
 class Translator:
-    def __init__(self, graph: gs.Graph, infos: dict[str, TensorInfo], opset: int) -> None:
+    def __init__(self, graph: gs.Graph, inferred: Inferred, opset: int, *, overridable: frozenset[str] = frozenset(),
+                 cache: dict | None = None, payloads: dict[str, bytes] | None = None) -> None:
         self.graph = graph
-        self.infos = infos
+        self.infos = inferred.infos
+        self.spatial = inferred.spatial
         self.opset = opset
+        self.overridable = overridable  # initializers that are also graph inputs: runtime inputs, never folded
+        self.cache = {} if cache is None else cache
+        self.payloads = payloads or {}
         self.graph_inputs = {t.name for t in graph.inputs}
         self.graph_outputs = {t.name for t in graph.outputs}
         self.implicit = implicit_uses(graph)
+        self.sizes: dict[str, tuple | None] = {}  # symbolic dims of translated values (see _sizes_of)
         self.captured: set[str] = set().union(*self.implicit.values()) if self.implicit else set()
 
     # -- facts ---------------------------------------------------------------------------------------
@@ -61,7 +67,17 @@ class Translator:
         return self.infos.get(name, UNKNOWN)
 
     def const(self, t: gs.Tensor | None) -> np.ndarray | None:
-        return None if t is None else const_value(t, self.graph_inputs)
+        return None if t is None else const_value(t, self.graph_inputs, self.cache, self.payloads)
+
+    def not_constant(self, t: gs.Tensor | None, what: str) -> str:
+        """Why ``what`` (a parameter input) is not folded: a runtime input, or computed at run time."""
+        name = _source_name(t)
+        if name in self.overridable:
+            return (f"{what} {name!r} is an initializer that is also a graph input: a caller may feed another "
+                    "value, so it is a runtime input and is not folded")
+        if name in self.graph_inputs:
+            return f"{what} {name!r} is a graph input, not a constant"
+        return f"{what} is not a constant (initializer or Constant node)"
 
     def is_used(self, t: gs.Tensor) -> bool:
         """Read by a node, a subgraph, or the graph's caller."""
@@ -77,7 +93,7 @@ class Translator:
         tr = Translation(lg)
         for t in self.graph.inputs:
             info = self.info(t.name)
-            lg.input(t.name, info.channels, info.ndim)
+            lg.input(t.name, info.channels, info.ndim, spatial=self.spatial.get(t.name))
         for node in self.graph.nodes:
             outs = [o for o in node.outputs if not o.is_empty()]
             if not outs:
@@ -87,8 +103,10 @@ class Translator:
                 data_names = [t.name for t in data]
                 if any(n not in lg.nodes for n in data_names):
                     raise _Opaque(None)  # reads a constant or an unknown value: a constant expression
-                lg.add(outs[0].name, op, data_names, channels=channels, ndim=ndim, payload=node)
+                lg.add(outs[0].name, op, data_names, channels=channels, ndim=ndim, payload=node,
+                       spatial=self.spatial.get(outs[0].name))
                 tr.producers[outs[0].name] = node
+                self.sizes[outs[0].name] = self._sizes_after(op, data_names[0])
                 continue
             except _Opaque as why:
                 if why.reason:
@@ -99,7 +117,8 @@ class Translator:
             ins += sorted(n for n in self.implicit.get(id(node), ()) if n in lg.nodes and n not in ins)
             for o in outs:
                 info = self.info(o.name)
-                lg.add(o.name, None, ins, channels=info.channels, ndim=info.ndim, payload=node)
+                lg.add(o.name, None, ins, channels=info.channels, ndim=info.ndim, payload=node,
+                       spatial=self.spatial.get(o.name))
                 tr.producers[o.name] = node
         lg.mark_output(*(t.name for t in self.graph.outputs if t.name in lg.nodes))
         return tr
@@ -152,8 +171,10 @@ class Translator:
         x = self._input(node, 0)
         info = self._float_input(node, x)
         params = [self.const(self._input(node, i)) for i in range(1, 5)]
-        if any(p is None for p in params):
-            raise _Opaque("BatchNormalization parameters (scale, bias, mean, var) are not all constants")
+        missing = [i for i, p in enumerate(params, start=1) if p is None]
+        if missing:
+            what = ("scale", "bias", "mean", "var")[missing[0] - 1]
+            raise _Opaque(self.not_constant(self._input(node, missing[0]), f"BatchNormalization {what}"))
         scale, bias, mean, var = (np.asarray(p).reshape(-1) for p in params)
         bn = core.BatchNorm(mean, var, gamma=scale, beta=bias, eps=float(node.attrs.get("epsilon", 1e-5)))
         return bn, [x], bn.channels, info.ndim
@@ -163,11 +184,11 @@ class Translator:
         info = self._float_input(node, x, quiet=True)
         w = self.const(self._input(node, 1))
         if w is None:
-            raise _Opaque("Conv weight is not a constant (initializer or Constant node)")
+            raise _Opaque(self.not_constant(self._input(node, 1), "Conv weight"))
         b_t = self._input(node, 2)
         b = self.const(b_t)
         if b_t is not None and b is None:
-            raise _Opaque("Conv bias is not a constant")
+            raise _Opaque(self.not_constant(b_t, "Conv bias"))
         nd = w.ndim - 2
         a = node.attrs
         stride = tuple(int(s) for s in a.get("strides", [1] * nd))
@@ -209,7 +230,8 @@ class Translator:
         self._float_input(node, x, quiet=True)
         w = self.const(self._input(node, 1))
         if w is None:
-            raise _Opaque(None)
+            raise _Opaque(self.not_constant(self._input(node, 1), "Gemm weight")
+                          if _source_name(self._input(node, 1)) in self.graph_inputs else None)
         if int(a.get("transA", 0)):
             raise _Opaque("Gemm has transA=1: its input's channels are on axis 0, not axis 1")
         w = np.asarray(w, np.float64)
@@ -219,7 +241,7 @@ class Translator:
         if c_t is not None:
             c = self.const(c_t)
             if c is None:
-                raise _Opaque("Gemm's C input is not a constant")
+                raise _Opaque(self.not_constant(c_t, "Gemm's C"))
             c = np.asarray(c, np.float64)
             if c.ndim > 2 or any(d != 1 for d in c.shape[:-1]) or (c.ndim and c.shape[-1] not in (1, w.shape[0])):
                 raise _Opaque(f"Gemm's C of shape {list(c.shape)} is not a per-output-channel bias")
@@ -245,14 +267,14 @@ class Translator:
         info = self._float_input(node, x, quiet=True)
         pads = self.const(self._input(node, 1))
         if pads is None:
-            raise _Opaque("Pad's pads are not a constant")
+            raise _Opaque(self.not_constant(self._input(node, 1), "Pad's pads"))
         pads = [int(p) for p in np.asarray(pads).reshape(-1)]
         if mode == "constant":
             value = self._input(node, 2)
             if value is not None:
                 v = self.const(value)
                 if v is None:
-                    raise _Opaque("Pad's constant_value is not a constant")
+                    raise _Opaque(self.not_constant(value, "Pad's constant_value"))
                 if np.any(np.asarray(v) != 0):
                     raise _Opaque(f"Pad with constant value {np.asarray(v).reshape(-1)[0]!r} is affine, "
                                   "not linear; only zero padding folds")
@@ -262,7 +284,7 @@ class Translator:
         if axes_t is not None:
             av = self.const(axes_t)
             if av is None:
-                raise _Opaque("Pad's axes are not a constant")
+                raise _Opaque(self.not_constant(axes_t, "Pad's axes"))
             axes = [int(v) % rank for v in np.asarray(av).reshape(-1)]
         n = len(axes)
         if len(pads) != 2 * n:
@@ -294,12 +316,63 @@ class Translator:
             return self._op_Identity(node)
         return self._tensor_sum(node, ins)
 
+    # -- sizes ---------------------------------------------------------------------------------------------
+    def _sizes_of(self, name: str) -> tuple | None:
+        """Each dim of a value as an int, or as ``(origin, C, S)``: ``floor((size(origin) + C) / S)``.
+
+        An origin is a named dim (``("param", "H")``: ONNX gives one size to one name) or a dim of an opaque
+        value (``(value, dim)``).  Linear ops map ``(origin, C, S)`` exactly (:meth:`_sizes_after`), so two
+        values with equal entries have equal sizes for every input size, which shape inference, inventing a
+        new symbol per Conv output, cannot show.
+        """
+        if name in self.sizes:
+            return self.sizes[name]
+        shape = self.info(name).shape
+        if shape is None:
+            return None
+        fixed = self.spatial.get(name)  # spatial ints only where the graph itself fixes them
+        dims = []
+        for i, d in enumerate(shape):
+            if i >= 2 and fixed is not None and len(fixed) == len(shape) - 2:
+                dims.append(fixed[i - 2])
+            elif isinstance(d, int) and (i < 2 or fixed is not None):
+                dims.append(d)
+            else:
+                dims.append((("param", d) if isinstance(d, str) and not d.startswith("unk__") else (name, i), 0, 1))
+        return tuple(dims)
+
+    def _sizes_after(self, op, data: str) -> tuple | None:
+        dims = self._sizes_of(data)
+        if dims is None or isinstance(op, core.Add):
+            return dims
+        if isinstance(op, core.Pad):
+            geo = [(lo + hi, 1) for lo, hi in op.padding]  # (reach, stride)
+        elif isinstance(op, core.AvgPool):
+            geo = [(lo + hi - (k - 1), s) for (lo, hi), k, s in zip(op.padding, op.kernel_size, op.stride)]
+        elif isinstance(op, core.Conv):
+            if op.ndim == 0:
+                return dims  # Gemm / MatMul on [N, C]: the batch dim is kept
+            geo = [(lo + hi - d * (k - 1), s) for (lo, hi), k, s, d in
+                   zip(op.padding, op.kernel_size, op.stride, op.dilation)]
+        else:
+            return dims  # per-channel ops and identities keep every size
+        if len(geo) != len(dims) - 2:
+            return None
+        out = list(dims[:2])
+        for d, (r, s) in zip(dims[2:], geo):
+            c = r - 1 + s  # out = floor((m + c) / s) for input size m
+            out.append((d + c) // s if isinstance(d, int) else (d[0], d[1] + c * d[2], d[2] * s))
+        return tuple(out)
+
     def _tensor_sum(self, node, ins):
         infos = [self._float_input(node, t, quiet=True) for t in ins]
         ref = infos[0]
-        for info in infos[1:]:
-            same = info.rank == ref.rank and all(
-                d is not None and d == e for d, e in zip(info.shape[1:], ref.shape[1:]))
+        ref_sizes = self._sizes_of(ins[0].name)
+        for t, info in zip(ins[1:], infos[1:]):
+            sizes = self._sizes_of(t.name)
+            same = (info.rank == ref.rank and isinstance(info.channels, int) and info.channels == ref.channels
+                    and sizes is not None and ref_sizes is not None and sizes[:1] + sizes[2:] == ref_sizes[:1]
+                    + ref_sizes[2:])
             if not same:
                 raise _Opaque(f"{node.op} of shapes {_fmt(ref.shape)} and {_fmt(info.shape)} is not provably a "
                               "same-shape branch sum (it may broadcast)")
@@ -308,6 +381,9 @@ class Translator:
     def _binary(self, node):
         a, b = self._input(node, 0), self._input(node, 1)
         ca, cb = self.const(a), self.const(b)
+        runtime = [t for t in (a, b) if _source_name(t) in self.overridable]
+        if runtime:
+            raise _Opaque(self.not_constant(runtime[0], f"{node.op} operand"))
         if ca is None and cb is None:
             if node.op == "Add":
                 return self._tensor_sum(node, [a, b])
@@ -350,13 +426,20 @@ class Translator:
         return np.asarray(c, np.float64).reshape(-1)
 
 
+def _source_name(t: gs.Tensor | None) -> str | None:
+    """The name behind Identity aliases (what a parameter really reads)."""
+    while t is not None and len(t.inputs) == 1 and t.inputs[0].op == "Identity" and t.inputs[0].inputs:
+        t = t.inputs[0].inputs[0]
+    return None if t is None else t.name
+
+
 def _fmt(shape) -> str:
     return "?" if shape is None else "[" + ",".join("?" if d is None else str(d) for d in shape) + "]"
 
 
-def translate(graph: gs.Graph, infos: dict[str, TensorInfo], opset: int) -> Translation:
+def translate(graph: gs.Graph, inferred: Inferred, opset: int) -> Translation:
     """Build the core graph of ``graph`` (a topologically sorted main graph)."""
-    return Translator(graph, infos, opset).run()
+    return Translator(graph, inferred, opset).run()
 
 
 __all__ = ["Translation", "Translator", "is_training_bn", "translate"]

@@ -65,6 +65,13 @@ class CheckResult:
 
     __str__ = format
 
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return {"ok": self.ok, "max_abs": self.max_abs, "max_rel": self.max_rel,
+                "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
+                "outputs": [{"name": o.name, "max_abs": o.max_abs, "max_rel": o.max_rel, "scale": o.scale,
+                             "tolerance": o.tolerance, "ok": o.ok} for o in self.outputs]}
+
 
 def _session(model: onnx.ModelProto | str | os.PathLike, what: str):
     import onnxruntime as ort
@@ -114,12 +121,13 @@ def compare(reference: onnx.ModelProto | str | os.PathLike, candidate: onnx.Mode
 
     An output passes when ``max|a - b| <= atol + rtol * max|reference|``; ``rtol`` defaults by element
     type (1e-4 for float32).  Models are run without ORT graph optimizations, so what is compared is the
-    graphs as written.
+    graphs as written.  Random inputs follow the candidate's input shapes (the same as the reference's,
+    or fixed from them by ``input_shapes``).
     """
     ref = _session(reference, "reference")
     cand = _session(candidate, "fused")
     if feeds is None:
-        feeds = random_inputs(ref, dims, default_dim, seed)
+        feeds = random_inputs(cand, dims, default_dim, seed)
     shapes = {k: tuple(v.shape) for k, v in feeds.items()}
     try:
         expected = ref.run(None, dict(feeds))

@@ -7,6 +7,7 @@ directory next to the destination and moved into place only once complete.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ MAX_OPSET = 21
 PROTOBUF_LIMIT = 2**31 - 2**20
 # tensors of at least this many bytes go to the external-data file when one is written
 EXTERNAL_THRESHOLD = 1024
+# element types stored several to a byte (their raw data size is not itemsize * count)
+_PACKED = {getattr(TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2") if hasattr(TensorProto, n)}
 
 
 @dataclass
@@ -120,24 +123,94 @@ def model_size(model: onnx.ModelProto) -> int:
     return payload
 
 
-def validate(model: onnx.ModelProto) -> bool:
-    """Run the ONNX checker; returns whether the strict (full, shape-inferring) check passed too.
+_CHECK_ERRORS = (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, RuntimeError)
+_NODE_IN_ERROR = re.compile(r"\(op_type:([^,]*), node name: ([^)]*)\):\s*")
+_ERROR_TAG = re.compile(r"^(\[\w+Error\]\s*|Inference error\(s\):\s*)+")
 
-    A model too large for an in-memory check is only checked through shape inference on its skeleton.
+
+def describe_check_error(err: BaseException) -> str:
+    """The checker's or shape inference's message on one line, naming the node first when it names one."""
+    text = one_line(err, 4000)
+    m = _NODE_IN_ERROR.search(text)
+    if m is None:
+        return one_line(_ERROR_TAG.sub("", text), 300)
+    op, name = m.group(1).strip(), m.group(2).strip()
+    rest = _ERROR_TAG.sub("", text[m.end():]).split(" (op_type:")[0]  # the first error; later ones follow from it
+    where = f"node {name!r} ({op})" if name else f"an unnamed {op} node"
+    return one_line(f"{where}: {rest}", 300)
+
+
+def validate(model: onnx.ModelProto, what: str = "invalid ONNX model") -> dict[str, bytes]:
+    """Reject what ``onnx.checker.check_model(full_check=True)`` or strict, type-checking shape inference
+    (with data propagation) rejects, with one line naming the node.
+
+    Both run on the weight-free :func:`skeleton`, so the cost does not grow with the weights and models
+    past the 2 GiB protobuf limit are checked too; the weights themselves are checked by
+    :func:`check_payloads`.  Returns the raw payloads that check read (see there).
     """
-    if model_size(model) >= PROTOBUF_LIMIT:
-        return False
-    errors = (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, RuntimeError)
+    payloads = check_payloads(model)
+    check_skeleton(skeleton(model), what)
+    return payloads
+
+
+def check_skeleton(light: onnx.ModelProto, what: str = "invalid ONNX model") -> None:
+    """:func:`validate` on a model already reduced by :func:`skeleton`."""
+    problem = strict_problem(light)
+    if problem is not None:
+        raise OnnxModelError(f"{what}: {problem}")
+
+
+def strict_problem(light: onnx.ModelProto) -> str | None:
+    """Why the full checker or strict shape inference rejects ``light`` (one line), or None."""
     try:
-        onnx.checker.check_model(model, full_check=True)
-        return True
-    except errors:
-        pass
-    try:
-        onnx.checker.check_model(model, full_check=False)
-    except errors as err:
-        raise OnnxModelError(f"invalid ONNX model: {one_line(err)}") from None
-    return False
+        onnx.checker.check_model(light, full_check=True)
+        onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=True, data_prop=True)
+    except _CHECK_ERRORS as err:
+        return describe_check_error(err)
+    return None
+
+
+def runtime_initializers(model: onnx.ModelProto) -> list[str]:
+    """Initializers that are also graph inputs: defaults a caller may override, so runtime inputs."""
+    inputs = {i.name for i in model.graph.input}
+    return [t.name for t in model.graph.initializer if t.name in inputs]
+
+
+def check_payloads(model: onnx.ModelProto) -> dict[str, bytes]:
+    """Main-graph initializers the skeleton leaves out: their data must fill their shape, and one that is
+    also a graph input (a default the caller may override) must match that input's declared type.
+
+    Returns the ``raw_data`` read on the way, by tensor name: protobuf copies the bytes on every read, so
+    the frontend reads weights from these instead of copying them a second time.
+    """
+    declared = {i.name: i for i in model.graph.input}
+    payloads: dict[str, bytes] = {}
+    for t in model.graph.initializer:
+        if _is_small(t):
+            continue  # kept in the skeleton: the checker sees it
+        if t.data_type == TensorProto.STRING or t.data_type in _PACKED:
+            onnx.checker.check_tensor(t)
+        elif t.HasField("raw_data"):
+            want = int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+            raw = payloads[t.name] = t.raw_data
+            if len(raw) != want:
+                raise OnnxModelError(f"invalid ONNX model: initializer {t.name!r} has {len(raw)} bytes of "
+                                     f"data for shape {list(t.dims)} ({want} expected)")
+        else:
+            try:
+                onnx.checker.check_tensor(t)
+            except onnx.checker.ValidationError as err:
+                raise OnnxModelError(f"invalid ONNX model: initializer {t.name!r}: {one_line(err)}") from None
+        vi = declared.get(t.name)
+        if vi is not None:
+            tt = vi.type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+            same_shape = not tt.HasField("shape") or (
+                len(dims) == len(t.dims) and all(d is None or d == e for d, e in zip(dims, t.dims)))
+            if tt.elem_type != t.data_type or not same_shape:
+                raise OnnxModelError(f"invalid ONNX model: initializer {t.name!r} (shape {list(t.dims)}) does not "
+                                     f"match the graph input of that name")
+    return payloads
 
 
 def _copy_fields(src: Message, dst: Message, skip: set[str]) -> None:
@@ -165,23 +238,22 @@ def _is_small(t: TensorProto) -> bool:
 
 
 def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` whose large main-graph initializers are shape-only external references.
+    """A copy of ``model`` without its large main-graph weights: each becomes a graph input of the same
+    type and shape.
 
-    Shape inference needs the shapes of weights, not their values, so this avoids copying (or
-    serializing past the protobuf limit) the weights of a large model.  Small and integer tensors stay
-    inline for data propagation (Reshape targets, pads).
+    The checker and shape inference need the types and shapes of weights, not their values, so this avoids
+    copying (or serializing past the protobuf limit) the weights of a large model.  Small and integer
+    tensors stay inline initializers for data propagation (Reshape targets, pads).
     """
     light = onnx.ModelProto()
     _copy_fields(model, light, {"graph"})
     _copy_fields(model.graph, light.graph, {"initializer"})
+    declared = {i.name for i in model.graph.input}
     for t in model.graph.initializer:
         if _is_small(t):
             light.graph.initializer.append(t)
-            continue
-        ref = TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
-        ref.data_location = TensorProto.EXTERNAL
-        ref.external_data.add(key="location", value="reparam-skeleton.bin")
-        light.graph.initializer.append(ref)
+        elif t.name not in declared:
+            light.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     return light
 
 
@@ -290,5 +362,19 @@ def commit_staged(tmp: Path, path: Path) -> list[Path]:
     return written
 
 
-__all__ = ["MAX_OPSET", "MIN_OPSET", "Loaded", "commit_staged", "default_opset", "load_model", "read_model",
-           "save_model", "skeleton", "stage_model", "staged_file", "validate"]
+__all__ = [
+    "MAX_OPSET",
+    "MIN_OPSET",
+    "Loaded",
+    "check_payloads",
+    "commit_staged",
+    "default_opset",
+    "describe_check_error",
+    "load_model",
+    "read_model",
+    "save_model",
+    "skeleton",
+    "stage_model",
+    "staged_file",
+    "validate",
+]

@@ -251,8 +251,8 @@ def test_internal_error_is_one_line(tmp_path, capsys, monkeypatch):
 
 
 def test_large_model_path(tmp_path, capsys, monkeypatch):
-    """Past the protobuf limit (lowered here): no in-memory checker, external data written automatically."""
-    for mod in ("io", "pipeline", "command"):
+    """Past the protobuf limit (lowered here): checked on the skeleton all the same, external data written."""
+    for mod in ("io", "command"):
         monkeypatch.setattr(f"reparam.onnx.{mod}.PROTOBUF_LIMIT", 1000)
     src = tmp_path / "in.onnx"
     onnx.save_model(repvgg_model(), str(src))
@@ -261,3 +261,163 @@ def test_large_model_path(tmp_path, capsys, monkeypatch):
     assert rc == 0, err
     assert (tmp_path / "out.onnx.data").exists() and "check (ok)" in out
     onnx.checker.check_model(str(dst), full_check=True)
+
+
+# -- conventions (issue 11, point 6) -----------------------------------------------------------------------------
+
+
+def _saved(tmp_path: Path, model=None) -> Path:
+    src = tmp_path / "in.onnx"
+    onnx.save_model(model if model is not None else repvgg_model(), str(src))
+    return src
+
+
+def test_positional_output_as_onnxsim_takes_it(tmp_path, capsys):
+    src = _saved(tmp_path)
+    rc, _out, err = run_cli([src, tmp_path / "out.onnx"], capsys)
+    assert rc == 0, err
+    assert ops(onnx.load(str(tmp_path / "out.onnx"))) == {"Conv": 1, "Relu": 1}
+    rc, _, _ = run_cli([src, "-o", tmp_path / "o2.onnx"], capsys)  # -o still accepted
+    assert rc == 0 and (tmp_path / "o2.onnx").exists()
+    rc, _, _ = run_cli([src, tmp_path / "o3.onnx", "-o", tmp_path / "o3.onnx"], capsys)  # the same path twice
+    assert rc == 0
+
+
+@pytest.mark.parametrize("args,words", [([], "no output given"), (["a.onnx", "-o", "b.onnx"], "two outputs")])
+def test_missing_or_conflicting_outputs_are_one_line_errors(tmp_path, capsys, args, words):
+    src = _saved(tmp_path)
+    rc, _, err = run_cli([src, *args], capsys)
+    assert rc == 1 and words in err and len(err.strip().splitlines()) == 1
+
+
+def test_unknown_dim_name_is_an_error(tmp_path, capsys):
+    """Regression: a misspelt --dim was silently ignored."""
+    src = _saved(tmp_path)
+    rc, _, err = run_cli([src, tmp_path / "o.onnx", "--check", "--dim", "nosuch=4"], capsys)
+    assert rc == 1 and "no graph input has a dynamic dimension named 'nosuch'" in err and "(dynamic dims: N)" in err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_json_report_is_one_document_on_stdout(tmp_path, capsys):
+    import json
+
+    src = _saved(tmp_path)
+    rc, out, err = run_cli([src, tmp_path / "o.onnx", "--json", "--check", "--dim", "N=2"], capsys)
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert doc["report"]["convs_before"] == 2 and doc["report"]["convs_after"] == 1
+    assert doc["report"]["regions"][0]["convs_after"] == 1 and doc["check"]["ok"] is True
+    assert doc["check"]["input_shapes"] == {"x": [2, C, 6, 6]} and doc["written"] == [str(tmp_path / "o.onnx")]
+    assert "wrote" in err  # the summary line goes to stderr
+
+
+def test_input_shape_override_fixes_dims_and_enables_fixed_size_sums(tmp_path, capsys):
+    """TensorFlow-style "same" at stride 2 beside a 1x1: summed only once the spatial size is fixed."""
+    b = Builder()
+    y = b.node("Relu", [b.node("Add", [b.bn(b.conv("x", C, C, k=3, pad=[0, 0, 1, 1], stride=2, bias=False), C),
+                                       b.bn(b.conv("x", C, C, k=1, stride=2, bias=False), C)])])
+    src = _saved(tmp_path, b.model([("x", ["N", C, "H", "W"])], [(y, ["N", C, "h", "w"])]))
+    rc, out, err = run_cli([src, tmp_path / "dyn.onnx", "--report"], capsys)
+    assert rc == 0 and ops(onnx.load(str(tmp_path / "dyn.onnx")))["Conv"] == 2
+    rc, out, err = run_cli([src, tmp_path / "fixed.onnx", "--input-shape", "x:N,16,16,16", "--report", "--check",
+                            "--dim", "N=2"], capsys)
+    assert rc == 0, err
+    fixed = onnx.load(str(tmp_path / "fixed.onnx"))
+    assert ops(fixed) == {"Conv": 1, "Relu": 1}
+    dims = fixed.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["N", 16, 16, 16]
+    assert "exact at the fixed input size 16x16" in out and "check (ok)" in out and "x[2, 16, 16, 16]" in out
+
+
+@pytest.mark.parametrize("shape,words", [("x:1,3,6,6", "dim 1 is fixed to 16"), ("y:1,16,6,6", "no graph input"),
+                                         ("x:1,16,6", "rank 4"), ("x:1;2", "expects NAME:D0,D1")])
+def test_bad_input_shapes_are_one_line_errors(tmp_path, capsys, shape, words):
+    rc, _, err = run_cli([_saved(tmp_path), tmp_path / "o.onnx", "--input-shape", shape], capsys)
+    assert rc == 1 and words in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_input_shape_without_a_name_for_a_single_input(tmp_path, capsys):
+    rc, _, err = run_cli([_saved(tmp_path), tmp_path / "o.onnx", "--input-shape", "3,16,6,6"], capsys)
+    assert rc == 0, err
+    dims = onnx.load(str(tmp_path / "o.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [3, 16, 6, 6]
+
+
+def test_closed_stdout_is_not_a_traceback(tmp_path):
+    """Regression: `reparam onnx ... --report | head` ended in a BrokenPipeError traceback."""
+    src = _saved(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "reparam", "onnx", str(src), str(tmp_path / "o.onnx"), "--report"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before anything is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err
+    assert ops(onnx.load(str(tmp_path / "o.onnx"))) == {"Conv": 1, "Relu": 1}  # the work was still done
+
+
+def test_progress_goes_to_stderr_after_a_few_seconds(capsys, monkeypatch):
+    import types
+
+    from reparam.onnx.command import Progress
+
+    clock = iter([0.0, 1.0, 2.5, 2.7, 4.0, 0.0, 9.0])
+    monkeypatch.setattr("reparam.onnx.command.time", types.SimpleNamespace(monotonic=lambda: next(clock)))
+    p = Progress()  # starts at 0.0
+    for stage in ("reading", "checking", "planning", "writing"):
+        p(stage)
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["reparam onnx: [2.5 s] checking", "reparam onnx: [4.0 s] writing"]
+    quiet = Progress(enabled=False)
+    quiet("x")
+    assert capsys.readouterr().err == ""
+
+
+def test_simplify_runs_onnxslim_after_the_fusion(tmp_path, capsys):
+    pytest.importorskip("onnxslim")
+    b = Builder()
+    shape = b.node("Identity", [b.const(np.array([1, C, 6, 6], np.int64))])  # reparam leaves these two
+    y = b.node("Reshape", [b.node("Relu", [_repvgg_on(b, "x")]), shape])
+    src = _saved(tmp_path, b.model([("x", [1, C, 6, 6])], [(y, [1, C, 6, 6])]))
+    rc, _out, _err = run_cli([src, tmp_path / "plain.onnx"], capsys)
+    rc2, out2, err2 = run_cli([src, tmp_path / "slim.onnx", "--simplify", "--check", "--report"], capsys)
+    assert rc == 0 and rc2 == 0, err2
+    plain, slim = onnx.load(str(tmp_path / "plain.onnx")), onnx.load(str(tmp_path / "slim.onnx"))
+    assert ops(slim)["Conv"] == ops(plain)["Conv"] == 1 and "BatchNormalization" not in ops(slim)
+    assert len(slim.graph.node) < len(plain.graph.node)
+    assert "then onnxslim" in out2 and "check (ok)" in out2
+    onnx.checker.check_model(slim, full_check=True)
+
+
+def test_simplify_keeps_initializers_that_are_graph_inputs():
+    pytest.importorskip("onnxslim")
+    b = Builder()
+    w = b.const(b.weight(C, C, 3, 3), "W")
+    y = b.node("Relu", [b.bn(b.conv("x", C, C, w=w), C)])
+    model = b.model([("x", [1, C, 6, 6])], [(y, None)])
+    model.graph.input.append(helper.make_tensor_value_info(w, onnx.TensorProto.FLOAT, [C, C, 3, 3]))
+    fused = reparam.onnx.fuse(model, simplify=True)
+    assert [i.name for i in fused.graph.input] == ["x", w] and w in {t.name for t in fused.graph.initializer}
+    assert ops(fused)["BatchNormalization"] == 1
+
+
+def test_simplify_without_a_simplifier_is_a_clear_error(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_simplifiers(name, *a, **k):
+        if name in ("onnxslim", "onnxsim"):
+            raise ImportError(name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_simplifiers)
+    monkeypatch.setattr("reparam.onnx.simplify.importlib.import_module", lambda n: no_simplifiers(n))
+    with pytest.raises(ReparamError, match=r"--simplify needs onnxslim or onnxsim; install it with"):
+        reparam.onnx.fuse(repvgg_model(), simplify=True)
+
+
+def _repvgg_on(b: Builder, x: str, c: int = C) -> str:
+    k3 = b.bn(b.conv(x, c, c, bias=False), c)
+    k1 = b.bn(b.conv(x, c, c, k=1, bias=False), c)
+    return b.node("Add", [b.node("Add", [k3, k1]), b.bn(x, c)])

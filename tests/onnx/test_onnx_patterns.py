@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
-from onnx_testlib import Builder, fuse_checked, ops, random_feeds, reasons, session
+from onnx_testlib import Builder, fuse_checked, max_rel_error, ops, random_feeds, reasons, session
 
 import reparam.onnx
 
@@ -207,12 +207,39 @@ def test_grouped_and_dilated_branches():
     assert ops(fused) == {"Conv": 1, "Relu": 1}
 
 
-def test_misaligned_windows_are_refused():
+def _misaligned(shape) -> onnx.ModelProto:
+    """k=3 pad 1 and k=2 pad 0 at stride 2: output sizes agree for even input sizes only."""
     b = Builder()
     y = _relu_out(b, b.node("Add", [b.conv("x", C, C, k=3, pad=1, stride=2), b.conv("x", C, C, k=2, pad=0, stride=2)]))
-    fused, report = fuse_checked(b.model([X], [(y, None)]))
+    out = [shape[0], C] + [None if isinstance(d, str) else (d + 1) // 2 for d in shape[2:]]
+    return b.model([("x", shape)], [(y, [d if d is not None else f"o{k}" for k, d in enumerate(out)])])
+
+
+def test_misaligned_windows_are_refused_on_dynamic_sizes():
+    """Output sizes floor((H+1)/2) and floor(H/2) differ for odd H: not provably one shape, not summed."""
+    fused, report = fuse_checked(_misaligned(["N", C, "H", "W"]))
     assert ops(fused)["Conv"] == 2
-    assert "align" in reasons(report)
+    assert "not provably a same-shape branch sum" in reasons(report)
+
+
+def test_dynamic_spatial_sizes_still_fuse_aligned_branches():
+    """Regression: with symbolic H, W shape inference names each Conv output anew, so every RepVGG sum was
+    refused as 'not provably the same shape'; the frontend now follows sizes through the linear ops."""
+    b = Builder()
+    y = _relu_out(b, _repvgg(b, _relu_out(b, _repvgg(b, "x", C)), C))
+    fused, report = fuse_checked(b.model([("x", ["N", C, "H", "W"])], [(y, ["N", C, "H", "W"])]))
+    assert ops(fused) == {"Conv": 2, "Relu": 2}, report.format()
+    assert not report.fixed_size_regions
+    assert max_rel_error(b.model([("x", ["N", C, "H", "W"])], [(y, ["N", C, "H", "W"])]), fused,
+                         {"x": np.random.default_rng(0).standard_normal((2, C, 7, 5)).astype(np.float32)}) < 1e-5
+
+
+def test_windows_aligned_at_the_fixed_size_are_summed():
+    """Static shapes: at input size 8 both branches give 4 outputs, so the sum is one conv there."""
+    fused, report = fuse_checked(_misaligned(["N", C, 8, 8]))
+    assert ops(fused) == {"Conv": 1, "Relu": 1}
+    assert report.regions[0].fixed_sizes == ("8x8",) and report.fixed_size_regions == report.regions
+    assert "exact at the fixed input size 8x8" in report.format()
 
 
 # -- Pad ------------------------------------------------------------------------------------------------------
@@ -305,7 +332,7 @@ def test_bn_with_non_constant_parameters_is_refused():
     y = b.node("BatchNormalization", [b.conv("x", C, C), "scale", beta, mean, var])
     model = b.model([X, ("scale", [C])], [(y, None)])
     fused, report = fuse_checked(model)
-    assert ops(fused)["BatchNormalization"] == 1 and "not all constants" in reasons(report)
+    assert ops(fused)["BatchNormalization"] == 1 and "'scale' is a graph input, not a constant" in reasons(report)
 
 
 # -- ConvTranspose, Gemm, MatMul ------------------------------------------------------------------------------
@@ -522,3 +549,60 @@ def test_report_formats():
     d = report.to_dict()
     assert d["regions"][0]["convs_before"] == 2 and d["regions"][0]["convs_after"] == 1
     assert report.ops_after["BatchNormalization"] == 0
+
+
+def test_sizes_declared_only_in_value_info_are_not_trusted():
+    """A dynamic input with value_info claiming 4x4 conv outputs: the graph does not fix the size, so the
+    size-dependent sum stays refused (at H = 9 the branches would give 5 and 4 outputs)."""
+    b = Builder()
+    a = b.conv("x", C, C, k=3, pad=1, stride=2)
+    c = b.conv("x", C, C, k=2, pad=0, stride=2)
+    y = b.node("Relu", [b.node("Add", [a, c])])
+    declared = [helper.make_tensor_value_info(v, TensorProto.FLOAT, ["N", C, 4, 4]) for v in (a, c)]
+    model = b.model([("x", ["N", C, "H", "W"])], [(y, ["N", C, 4, 4])], value_info=declared)
+    fused, report = reparam.onnx.fuse(model, report=True)
+    assert ops(fused)["Conv"] == 2 and not report.fixed_size_regions
+
+
+def _identity_affine(b: Builder, x: str) -> str:
+    """timm's LearnableAffineBlock at its initial values: x * 1 + 0 (an identity region)."""
+    return b.node("Add", [b.node("Mul", [x, b.const(np.ones(1, np.float32))]), b.const(np.zeros(1, np.float32))])
+
+
+def test_region_reading_an_identity_region_wired_through_earlier():
+    """Regression (timm hgnetv2_b0): an identity region was wired through, then a later region's new conv
+    still read its removed exit and the output was not a valid graph."""
+    b = Builder()
+    a = _identity_affine(b, b.node("Relu", ["x"]))
+    y = b.node("Add", [b.node("Relu", [a]), b.bn(b.conv(a, C, C), C)])
+    fused, report = fuse_checked(b.model([X], [(y, None)]))
+    assert ops(fused)["Conv"] == 1 and "Mul" not in ops(fused), report.format()
+
+
+def test_pad_region_without_a_conv_stays_a_pad():
+    """Regression (hgnetv2_b0's stem): Mul(1), Add(0), Pad before a MaxPool became a padding Conv; it is the
+    Pad alone (the affine is the identity), and with a real scale the region is kept, with the reason."""
+    b = Builder()
+    pads = b.const(np.array([0, 0, 1, 1] * 2, np.int64))
+    padded = b.node("Pad", [_identity_affine(b, b.node("Relu", ["x"])), pads])
+    fused, report = fuse_checked(b.model([X], [(b.node("MaxPool", [padded], kernel_shape=[2, 2]), None)]))
+    assert ops(fused) == {"Relu": 1, "Pad": 1, "MaxPool": 1}, report.format()
+    b = Builder()
+    scaled = b.node("Mul", [b.node("Relu", ["x"]), b.const(np.full(1, 2.0, np.float32))])
+    padded = b.node("Pad", [scaled, b.const(np.array([0, 0, 1, 1] * 2, np.int64))])
+    fused, report = fuse_checked(b.model([X], [(b.node("MaxPool", [padded], kernel_shape=[2, 2]), None)]))
+    assert ops(fused)["Conv"] == 0 and ops(fused)["Pad"] == 1 and ops(fused)["Mul"] == 1
+    assert "would run a conv where the graph runs none" in reasons(report)
+
+
+def test_bn_only_and_identity_branches_become_mul_add_not_a_conv():
+    """x + BN(x) (and BN-only sums): a per-channel affine; written as Mul/Add, since a depthwise conv would
+    run a conv where the graph runs none, and the BatchNormalization goes."""
+    b = Builder()
+    y = b.node("Relu", [b.node("Add", [b.node("Add", ["x", b.bn("x", C)]), b.bn("x", C)])])
+    fused, report = fuse_checked(b.model([X], [(y, None)]))
+    assert ops(fused) == {"Mul": 1, "Add": 1, "Relu": 1}, report.format()
+    b = Builder()
+    y = b.node("Relu", [b.node("Add", ["x", b.bn("x", C)])])
+    fused, _ = fuse_checked(b.model([X], [(y, None)]))
+    assert ops(fused) == {"Mul": 1, "Add": 1, "Relu": 1}

@@ -36,3 +36,15 @@ def test_value_used_twice_inside_one_sum_tree():
     s = b.node("Add", [b.node("Add", [b.conv("x", 4, 4), bn]), b.node("Add", [b.conv("x", 4, 4, k=1), bn])])
     fused, _ = fuse_checked(b.model([("x", [1, 4, 6, 6])], [(b.node("Relu", [s]), None)]))
     assert ops(fused) == {"Conv": 1, "Relu": 1}
+
+
+def test_pool_read_twice_beside_a_conv_becomes_a_mul_not_a_second_conv():
+    """Found by the 300-export sweep: pool(x) + conv(x) + pool(x) with the pool read twice; the pool's term
+    (2 * pool) would have been a depthwise conv beyond the region's one conv and the region was kept with
+    its BN; now the per-channel term is a Mul and the BN goes."""
+    b = Builder()
+    p = b.node("AveragePool", ["x"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], count_include_pad=1)
+    y = b.node("Relu", [b.node("Add", [b.node("Add", [p, b.bn(b.conv("x", 4, 4, k=1), 4)]), p])])
+    fused, report = fuse_checked(b.model([("x", [1, 4, 6, 6])], [(y, None)]))
+    counts = ops(fused)
+    assert counts["BatchNormalization"] == 0 and counts["Conv"] <= 1, report.format()
