@@ -197,7 +197,7 @@ def _run_zoo(args: argparse.Namespace) -> tuple[dict[str, Any], list[tuple[str, 
             "executed": {"before": _pick(counts_before), "after": _pick(counts_after)},
             "latency_ms": {k: v * 1e3 for k, v in torch_lat.items()},
             "error": torch_err, "fuse_seconds": fuse_step.seconds,
-            "regions": len(fused.reparam_report.regions), "refused": len(fused.reparam_report.refused),
+            "regions": len(fused.reparam_report.regions), "refused": len(fused.reparam_report.leftovers),
         },
         "onnx": {
             "nodes": {"before": onnx_counts[0], "after": onnx_counts[1]},
@@ -206,7 +206,7 @@ def _run_zoo(args: argparse.Namespace) -> tuple[dict[str, Any], list[tuple[str, 
             "regions": len(onnx_report.regions), "refused": len(onnx_report.refusals),
         },
     }
-    reports = [("reparam.fuse report (torch.fx):", str(fused.reparam_report)),
+    reports = [("reparam.fuse report (torch.fx):", fused.reparam_report.describe(examples=0, regions=True)),
                ("reparam.onnx.fuse report (ONNX graph):", onnx_report.format())]
     return result, reports
 

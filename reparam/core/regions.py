@@ -305,7 +305,9 @@ class _Planner:
                              f"{v.channels} channels/{v.ndim}-d")
         own = self._own_kernel(b, key)
         geo = own.geometry
-        own_cost = macs_per_output(b) if key is not None else 0  # a pool or pad as a conv costs nothing itself
+        # a pool or pad is priced as the depthwise conv it becomes, so merging one into a conv that covers its
+        # window costs nothing extra; that it never becomes a conv of its own is the region's conv count
+        own_cost = macs_per_output(b)
         before = _value_cost(v) * float(math.prod(b.stride)) + own_cost
         priced = {s: geo if t.is_unit else compose(t.geometry, geo, weights=False) for s, t in v.terms.items()}
         stored = sum(_weights(t) for t in v.terms.values()) + (b.weight.size if key is not None else 0)
@@ -504,7 +506,7 @@ def _original_cost(p: _Planner, region: Region) -> float:
     return total
 
 
-def plan(graph: LinearGraph, *, allow_costlier: bool = False) -> Plan:
+def plan(graph: LinearGraph, *, allow_costlier: bool = False, per_channel_terms: bool = False) -> Plan:
     """Find and collapse every linear region of ``graph``; the graph itself is not modified.
 
     Unless ``allow_costlier``, a region whose collapsed convs would cost more MACs than its original ops
@@ -512,6 +514,10 @@ def plan(graph: LinearGraph, *, allow_costlier: bool = False) -> Plan:
     A region whose rewrite would not reduce the op count is planned again without folding ops into sums
     of several sources, so the parts of it that do shrink (a conv and its BN) are still collapsed.  Before
     either guard, such regions are re-planned with their values read several times materialized.
+
+    A per-channel op (BN, affine) of a source summed with other sources would be a conv of its own: refused
+    unless ``allow_costlier``, or ``per_channel_terms`` (the frontend writes such a term as a per-channel
+    multiply-add, not a conv, as the ONNX frontend does).
     """
     forced: set[str] = set()
     guarded: set[str] = set()
@@ -519,7 +525,8 @@ def plan(graph: LinearGraph, *, allow_costlier: bool = False) -> Plan:
     exact: set[str] = set()
     memo: dict = {}
     while True:
-        planner = _Planner(graph, guarded, split, forced, exact, memo, strict=not allow_costlier)
+        planner = _Planner(graph, guarded, split, forced, exact, memo,
+                           strict=not (allow_costlier or per_channel_terms))
         result = planner.run()
         # a cut made after a value was inlined can leave that value inside two regions: materialize it
         seen: dict[str, int] = {}

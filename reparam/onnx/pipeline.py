@@ -164,7 +164,7 @@ def run(model: ModelLike | Loaded, *, allow_costlier: bool = False, fold: bool =
         graph.toposort(recurse_subgraphs=False, recurse_functions=False)
         say(f"planning {len(graph.nodes)} nodes")
         tr = Translator(graph, inferred, opset, overridable=frozenset(runtime), cache=tl.cache, payloads=payloads).run()
-        plan = core.plan(tr.graph, allow_costlier=allow_costlier)
+        plan = core.plan(tr.graph, allow_costlier=allow_costlier, per_channel_terms=True)  # written as Mul/Add
         rw.record_refusals(tr, plan)
         rw.apply(tr, plan, say)
     graph.cleanup(recurse_subgraphs=False, recurse_functions=False)
