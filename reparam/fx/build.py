@@ -329,16 +329,16 @@ def graph_counts(graph: fx.Graph, attr: Callable[[str], Any]) -> Counter:
 
 
 def _module_kind(m: nn.Module) -> Counter:
+    """Counts of a module run whole: a GraphModule by its graph, else its standard layers (each once)."""
     if isinstance(m, fx.GraphModule):
         return static_counts(m)
     counts: Counter = Counter()
-    for sub in m.modules():
-        if isinstance(sub, fx.GraphModule) and sub is not m:
-            counts += static_counts(sub)
-        elif isinstance(sub, _CONVS) or isinstance(sub, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-            counts["conv"] += 1
-        elif isinstance(sub, _BNS):
-            counts["batch_norm"] += 1
-        elif isinstance(sub, nn.Linear):
-            counts["linear"] += 1
+    if isinstance(m, (*_CONVS, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        counts["conv"] += 1
+    elif isinstance(m, _BNS):
+        counts["batch_norm"] += 1
+    elif isinstance(m, nn.Linear):
+        counts["linear"] += 1
+    for child in m.children():
+        counts += _module_kind(child)
     return counts
