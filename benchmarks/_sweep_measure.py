@@ -199,17 +199,16 @@ _BN_WORDS = re.compile(r"\bBN\b|batch[ _]?norm", re.IGNORECASE)
 def bn_leftovers(report: Any, bn_paths: Sequence[str]) -> list[tuple[str, str]]:
     """``(module path, reason)`` of every BN that ``report`` says was left in place.
 
-    The redesigned report lists ``leftovers`` (objects with ``.path``, ``.kind``, ``.reason``).  Today's report
-    has only ``refused`` and ``skipped`` lists of ``(where, why)``: an entry counts as a BN leftover when
-    ``where`` names a BN module of the input (by path, or by its fx node spelling with ``_`` for ``.``) or
-    ``why`` mentions batch norm.
+    The report lists its BN leftovers as ``bn_left`` (``reparam.core.report.Leftover``: ``.where``, ``.op``,
+    ``.reason``, ``.kind``).  Reports without it (older reparam) have only ``refused`` and ``skipped`` lists of
+    ``(where, why)``: an entry counts as a BN leftover when ``where`` names a BN module of the input (by path,
+    or by its fx node spelling with ``_`` for ``.``) or ``why`` mentions batch norm.
     """
     if report is None:
         return []
-    leftovers = getattr(report, "leftovers", None)
-    if leftovers is not None:
-        return [(str(x.path), str(x.reason)) for x in leftovers if "batch_norm" in str(x.kind).lower()
-                or str(x.kind).lower() in ("bn", "batchnorm")]
+    listed = getattr(report, "bn_left", None)
+    if listed is not None:
+        return [(str(x.where), str(x.reason)) for x in listed if str(x.reason).strip()]
     names = {p: p for p in bn_paths} | {p.replace(".", "_"): p for p in bn_paths}
     entries = [*getattr(report, "refused", ()), *getattr(report, "skipped", ())]
     return [(names.get(where, where), why) for where, why in entries if where in names or _BN_WORDS.search(why)]

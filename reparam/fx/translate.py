@@ -274,6 +274,8 @@ def _binary(node, ctx: _Ctx, a, b, kind: str):
     if a_t == b_t:
         return None, None
     x, c, carg = (a, cb, b) if a_t else (b, ca, a)
+    if c is None:  # the other side is neither a graph value nor a float constant (an int tensor, a size)
+        return None, None
     ndim = ctx.info.get(x.name, (None, None))[1]
     rank = ctx.ranks.get(x)
     pc = _per_channel(c, ndim, rank)

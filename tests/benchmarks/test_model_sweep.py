@@ -130,8 +130,9 @@ def test_costlier_and_mac_counter_on_a_transposed_conv() -> None:
 
 
 def test_bn_leftover_adapter_reads_both_report_shapes() -> None:
-    new = SimpleNamespace(leftovers=[SimpleNamespace(path="layer.bn", kind="batch_norm", reason="pre-activation"),
-                                     SimpleNamespace(path="x", kind="add", reason="shared")])
+    from reparam.core.report import Leftover
+
+    new = SimpleNamespace(bn_left=[Leftover("layer.bn", "BatchNorm2d", "pre-activation", "no-neighbour")])
     assert X.bn_leftovers(new, ["layer.bn"]) == [("layer.bn", "pre-activation")]
     old = SimpleNamespace(refused=[("layer_bn", "feeds a padded conv"), ("add_1", "windows do not align"),
                                    ("relu", "a BN in training mode")], skipped=[("blocks", "not traceable")])
