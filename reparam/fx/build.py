@@ -16,7 +16,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from .. import core
 from ..core.report import Leftover
@@ -27,6 +26,7 @@ from .folds import apply_folds
 from .leftovers import Explainer
 from .report import FuseReport
 from .rewrite import Part, Rewrite, apply_plan, drop_identities, reorder, store_constants
+from .running import GraphRunner, targets
 from .tracing import brief, frozen_training_state, safe_deepcopy, trace
 from .translate import translate
 from .workspace import Workspace, attr_at
@@ -38,10 +38,11 @@ MODULE = "#module"  # suffix of a part id: keep this submodule as it was (replac
 @dataclass
 class Level:
     """A traced graph of the build: the module it came from (``path`` in the model, "" for the model), the
-    graph as traced (runnable, before any rewrite) and the parts applied to it."""
+    graph as traced (before any rewrite, with the table of what it calls: see :mod:`.running`) and the parts
+    applied to it."""
 
     path: str
-    traced: fx.GraphModule | None
+    traced: tuple[fx.Graph, dict[str, Any]] | None
     parts: list[Part]
 
 
@@ -179,23 +180,17 @@ def _fuse_traced(ws: Workspace, prefix: str, opts: Options, out: Build, copy_ori
 def _propagate_shapes(ws: Workspace, inputs: tuple, prefix: str, rep: FuseReport) -> None:
     """Shapes and dtypes of every value (``node.meta["tensor_meta"]``) from one run on example inputs."""
     try:
-        runnable = ws.graph_module()
-        with torch.no_grad(), frozen_training_state(runnable):
-            ShapeProp(runnable).propagate(*inputs)
+        with torch.no_grad(), frozen_training_state(ws.root):
+            GraphRunner(ws.graph, targets(ws.graph, ws.attr), shapes=True).run(*inputs)
     except Exception as err:
         rep.notes.append(f"{prefix[:-1] or 'the model'}: the example inputs did not run through the traced graph "
                          f"({brief(err)}); continuing without shapes")
-    finally:
-        ws.graph.owning_module = None  # the rewrite adds modules that this GraphModule does not hold
 
 
-def _runnable_copy(ws: Workspace) -> fx.GraphModule:
-    """The traced graph, copied before any rewrite, over the model's own modules (for recording values)."""
-    graph = fx.Graph()
-    out = graph.graph_copy(ws.graph, {})
-    graph.output(out)
-    targets = {n.target for n in graph.nodes if n.op in ("call_module", "get_attr")}
-    return fx.GraphModule({t: ws.attr(t) for t in targets}, graph, ws.name)
+def _runnable_copy(ws: Workspace) -> tuple[fx.Graph, dict[str, Any]]:
+    """The traced graph, copied before any rewrite, with what it calls (to record values on example inputs)."""
+    graph = ws.copy().graph
+    return graph, targets(graph, ws.attr)
 
 
 def _fuse_opaque_leaves(ws: Workspace, prefix: str, opts: Options, out: Build, rw: Rewrite) -> int:

@@ -23,10 +23,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from ..testing.torch_checks import _OpCounter
 from .build import MODULE, TRACE, Build, Options, build
+from .running import GraphRunner, copy_value
 from .tracing import brief, frozen_training_state
 
 _RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
@@ -37,15 +38,7 @@ def tolerance(dtype: torch.dtype) -> float:
     return _RTOL.get(dtype, 1e-4)
 
 
-def _clone(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, (list, tuple)):
-        return type(value)(_clone(v) for v in value) if not hasattr(value, "_fields") else \
-            type(value)(*(_clone(v) for v in value))
-    if isinstance(value, dict):
-        return {k: _clone(v) for k, v in value.items()}
-    return value
+
 
 
 def tensors(value: Any) -> list[torch.Tensor]:
@@ -61,37 +54,28 @@ def tensors(value: Any) -> list[torch.Tensor]:
 
 def max_rel(expected: Any, got: Any) -> float:
     """Largest difference between two (nested) outputs relative to the expected output's scale; inf when
-    their structure, shapes or non-finite positions differ."""
+    their structure, shapes or non-finite positions differ.  Computed in the outputs' own dtype when they
+    share it (the rounding of the difference is far below any tolerance), else in float64."""
     a, b = tensors(expected), tensors(got)
     if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
         return float("inf")
     worst, scale = 0.0, 0.0
-    for x, y in zip(a, b):
-        if not x.numel() or not (x.is_floating_point() or y.is_floating_point()):
-            if x.numel() and not torch.equal(x, y.to(x.dtype)):
+    with torch.no_grad():
+        for x, y in zip(a, b):
+            if not x.numel() or not (x.is_floating_point() or y.is_floating_point()):
+                if x.numel() and not torch.equal(x, y.to(x.dtype)):
+                    return float("inf")
+                continue
+            if x.dtype != y.dtype or x.dtype not in (torch.float32, torch.float64):
+                x, y = x.double(), y.double()
+            finite = torch.isfinite(x)
+            if not torch.equal(finite, torch.isfinite(y)):
                 return float("inf")
-            continue
-        x64, y64 = x.detach().double().cpu(), y.detach().double().cpu()
-        fx_, fy = torch.isfinite(x64), torch.isfinite(y64)
-        if not torch.equal(fx_, fy):
-            return float("inf")
-        worst = max(worst, float((x64 - y64).abs().nan_to_num(0.0).max()))
-        scale = max(scale, float(x64.abs().nan_to_num(0.0, 0.0, 0.0).max()))
+            if not bool(finite.all()):
+                x, y = x[finite], y[finite]
+            worst = max(worst, float((x - y).abs().max()) if x.numel() else 0.0)
+            scale = max(scale, float(x.abs().max()) if x.numel() else 0.0)
     return worst / scale if scale else worst
-
-
-class _Recorder(fx.Interpreter):
-    """Runs a traced graph, keeping (copies of) the values of the named nodes."""
-
-    def __init__(self, gm: fx.GraphModule, keep: set[str]) -> None:
-        super().__init__(gm)
-        self.keep, self.values = keep, {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        if n.name in self.keep:
-            self.values[n.name] = _clone(out)
-        return out
 
 
 class Reference:
@@ -109,7 +93,7 @@ class Reference:
         counter = _OpCounter()
         try:
             with torch.no_grad(), frozen_training_state(model), counter:
-                self.output = model(*_clone(inputs))
+                self.output = model(*copy_value(inputs))
         finally:
             for h in handles:
                 h.remove()
@@ -132,12 +116,12 @@ class Reference:
 
     def _pre(self, path: str) -> Callable:
         def hook(_m, args):
-            self.args.setdefault(path, _clone(args))
+            self.args.setdefault(path, copy_value(args))
         return hook
 
     def _post(self, path: str) -> Callable:
         def hook(_m, _args, out):
-            self.outputs.setdefault(path, _clone(out))
+            self.outputs.setdefault(path, copy_value(out))
         return hook
 
 
@@ -148,7 +132,7 @@ def _counts(raw: Counter) -> Counter:
 def run_counted(module: nn.Module, inputs: tuple) -> tuple[Any, Counter]:
     counter = _OpCounter()
     with torch.no_grad(), frozen_training_state(module), counter:
-        out = module(*_clone(inputs))
+        out = module(*copy_value(inputs))
     return out, _counts(counter.counts)
 
 
@@ -157,17 +141,20 @@ def _dtype_of(value: Any) -> torch.dtype:
     return ts[0].dtype if ts else torch.float32
 
 
-def _check_levels(b: Build, ref: Reference) -> dict[str, str]:
+def _check_levels(b: Build, ref: Reference, model: nn.Module) -> dict[str, str]:
     """Why each failing part (or untrustworthy trace) fails, by id."""
     bad: dict[str, str] = {}
     for lv in b.levels:
         if lv.traced is None or lv.path not in ref.args or lv.path not in ref.outputs:
             continue
+        if not lv.parts:
+            continue  # nothing of this graph was replaced
         keep = {n for p in lv.parts for n in (*p.inputs, p.output)}
-        rec = _Recorder(lv.traced, keep)
+        graph, table = lv.traced
+        rec = GraphRunner(graph, table, keep=keep)
         try:
-            with torch.no_grad(), frozen_training_state(lv.traced):
-                out = rec.run(*_clone(ref.args[lv.path]))
+            with torch.no_grad(), frozen_training_state(model):
+                out = rec.run(*copy_value(ref.args[lv.path]))
         except Exception as err:
             bad[lv.path + TRACE] = f"its traced graph fails on the example inputs ({brief(err)})"
             continue
@@ -218,8 +205,8 @@ def _problem(module: nn.Module, inputs: tuple, ref: Reference, model: nn.Module,
         return why, out, counts
     for path, args in seen.items():
         with torch.no_grad(), frozen_training_state(model):
-            expected = model.get_submodule(path)(*_clone(args))
-            got = module.get_submodule(path)(*_clone(args))
+            expected = model.get_submodule(path)(*copy_value(args))
+            got = module.get_submodule(path)(*copy_value(args))
         if max_rel(expected, got) > tolerance(_dtype_of(expected)):
             return f"{why}; {path} differs from the original on the same input", out, counts
     return None, out, counts
@@ -227,7 +214,7 @@ def _problem(module: nn.Module, inputs: tuple, ref: Reference, model: nn.Module,
 
 def _first_args(seen: dict[str, tuple], path: str) -> Callable:
     def hook(_m, args):
-        seen.setdefault(path, _clone(args))
+        seen.setdefault(path, copy_value(args))
     return hook
 
 
@@ -265,7 +252,7 @@ def checked_build(model: nn.Module, inputs: tuple, allow_costlier: bool
     opts = Options(allow_costlier, ref.args, True, frozenset(), undone, traces)
     for _ in range(_ROUNDS):
         b = build(model, opts)
-        bad = {k: v for k, v in _check_levels(b, ref).items() if k not in undone}
+        bad = {k: v for k, v in _check_levels(b, ref, model).items() if k not in undone}
         if not bad:
             why, out, counts = _problem(b.module, inputs, ref, model, b.replaced)
             if why is None:
