@@ -8,6 +8,9 @@ checking on example inputs undoes a part that fails (:mod:`.checks`).
 
 from __future__ import annotations
 
+import functools
+import inspect
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -126,16 +129,68 @@ def _fuse_children(module: nn.Module, prefix: str, opts: Options, out: Build) ->
             out.report.leftovers.extend(Leftover(f"{path}.{n}", type(m).__name__, f"{path} is kept as it was: {why}",
                                                  "undone") for n, m in child.named_modules() if isinstance(m, _BNS))
             continue
-        ws = None if path + TRACE in opts.skip else _try_trace(child, path, out.report, opts.traces)
+        # a child the untraced code reaches into (iterates, indexes, reads a submodule of) is fused inside,
+        # never replaced: YOLO's parents loop over `self.model`, which a GraphModule cannot take
+        inside = reads_inside(module, name, child)
+        ws = None if path + TRACE in opts.skip or inside else _try_trace(child, path, out.report, opts.traces)
         if ws is None:
             if any(True for _ in child.children()):
                 _fuse_children(child, path + ".", opts, out)
+            elif isinstance(child, _BNS) and not opts.trace_only:
+                out.report.leftovers.append(Leftover(
+                    path, type(child).__name__, f"it is called by {type(module).__name__}'s own code, which fx cannot "
+                    "trace, so no conv is next to it in a traced graph", "untraced"))
             continue
         fused = _fuse_traced(ws, path + ".", opts, out, copy_originals=False)
         if fused is not None:
             setattr(module, name, keep_face(child, fused))
             out.replaced.append(path)
     return module
+
+
+@functools.lru_cache(maxsize=256)
+def _class_source(cls: type) -> str | None:
+    """The source of the methods of ``cls`` and its bases below nn.Module, construction aside (None when some
+    of it is not available)."""
+    parts = []
+    for c in cls.__mro__:
+        if c in (nn.Module, object) or c.__module__.startswith("torch.nn"):
+            continue
+        for key, fn in vars(c).items():
+            fn = getattr(fn, "__func__", fn)
+            if key in ("__init__", "__setstate__") or not inspect.isfunction(fn):
+                continue
+            try:
+                parts.append(inspect.getsource(fn))
+            except (OSError, TypeError):
+                return None
+    return "\n".join(parts)
+
+
+_MODULE_API = set(dir(nn.Module))
+
+
+def reads_inside(parent: nn.Module, name: str, child: nn.Module) -> bool:
+    """Whether the code of ``parent`` (its class and bases) may reach into its child ``name``: anything but
+    calling it or reading a plain attribute of it (``self.name(x)``, ``self.name.f``), which a replacement
+    keeps.  Containers of torch.nn (Sequential...) are their elements' parents: their code only iterates."""
+    cls = type(parent)
+    if cls.__module__.startswith("torch.nn"):
+        return False
+    source = _class_source(cls)
+    if source is None:
+        return True
+    inner = {n for n, _ in child.named_children()} | {n for n, _ in child.named_parameters(recurse=False)} \
+        | {n for n, _ in child.named_buffers(recurse=False)}
+    own = {k for c in type(child).__mro__ if c not in (nn.Module, object) for k in vars(c)} - _MODULE_API
+    for match in re.finditer(rf"self\.{re.escape(name)}\b(\s*\(|\.(\w+))?", source):
+        call, attr = match.group(1), match.group(2)
+        if call is not None and attr is None:
+            continue  # self.name(...)
+        if attr is not None and attr not in inner and attr not in own and attr not in _MODULE_API:
+            continue  # a plain attribute
+        return True
+    return False
 
 
 def _fuse_traced(ws: Workspace, prefix: str, opts: Options, out: Build, copy_originals: bool

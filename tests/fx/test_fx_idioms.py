@@ -634,8 +634,8 @@ def test_a_trace_that_differs_from_the_code_is_not_used() -> None:
 
 
 class ReadsChildWeights(nn.Module):
-    """An untraceable parent that reads a child's submodule: replacing the child breaks it, so that part is
-    undone (with example inputs the result runs)."""
+    """An untraceable parent that reads a submodule of its child ``block`` in its source: ``block`` is fused
+    inside rather than replaced."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -648,9 +648,34 @@ class ReadsChildWeights(nn.Module):
         return self.other(self.block(x)) * self.block[0].weight.mean()
 
 
-def test_a_part_that_breaks_the_model_is_undone() -> None:
+class ReadsChildWeightsByName(nn.Module):
+    """The same read through a name the source does not show: only running the result finds that replacing
+    ``block`` breaks it (the part is undone)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = conv_bn(C, C, 3)
+        self.other = conv_bn(C, C, 1, padding=0)
+        self.which = "bl" + "ock"
+
+    def forward(self, x):
+        if x.sum() > 1e9:
+            return x
+        return self.other(self.block(x)) * getattr(self, self.which)[0].weight.mean()
+
+
+def test_a_parent_reaching_into_a_child_keeps_it() -> None:
     torch.manual_seed(0)
     model = ReadsChildWeights()
+    x = x_of(2, C, 6, 6)
+    fused, rep = fuse_checked(model, x, example=False)  # nothing to run: the source says enough
+    assert ops(fused, x)["batch_norm"] == 1, rep  # `other` fused, `block` only fused inside (its BN stays)
+    explained(model, fused, x)
+
+
+def test_a_part_that_breaks_the_model_is_undone() -> None:
+    torch.manual_seed(0)
+    model = ReadsChildWeightsByName()
     x = x_of(2, C, 6, 6)
     fused, rep = fuse_checked(model, x)
     assert rep.undone and any("block" in where for where, _ in rep.undone), rep
