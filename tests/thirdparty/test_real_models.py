@@ -12,6 +12,7 @@ import torch
 import reparam
 from reparam.testing import assert_outputs_close, count_executed_ops, randomize_bn_
 
+pytestmark = pytest.mark.thirdparty
 timm = pytest.importorskip("timm")
 
 # (model, timm's deploy form has 0 BN): a re-parameterizable member of each family, and a plain net of each
