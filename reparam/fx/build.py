@@ -210,14 +210,19 @@ def _fuse_traced(ws: Workspace, prefix: str, opts: Options, out: Build, copy_ori
     rw = Rewrite(skip=opts.skip)
     if is_aten(ws.graph):  # an exported program: its ATen calls in their torch-level spelling (not a change)
         normalize(ws.graph)
-    changed = drop_identities(ws, rep, prefix)
-    changed += _fuse_opaque_leaves(ws, prefix, opts, out, rw)
+    removed = len(rep.removed)
+    dropped = drop_identities(ws, rep, prefix)  # not a change of its own: alone, it is not worth a new module
+    changed = _fuse_opaque_leaves(ws, prefix, opts, out, rw)
     fold_constants(ws)
     changed += store_constants(ws, rep, rw, prefix)
-    changed += apply_folds(ws, infer_ranks(ws), rep, rw, prefix)
-    tr = translate(ws)
+    ranks = infer_ranks(ws)
+    folded = apply_folds(ws, ranks, rep, rw, prefix)
+    tr = translate(ws, None if folded or changed else ranks)
+    changed += folded
     plan = core.plan(tr.graph, allow_costlier=opts.allow_costlier)
     changed += apply_plan(ws, plan, tr.graph, rep, rw, prefix)
+    if dropped and not changed:
+        del rep.removed[removed:]  # the module is kept as it is, no-ops included
     rep.leftovers.extend(Explainer(ws, tr.graph, plan, tr.refused, rw, prefix, opts.undone).collect())
     out.levels.append(Level(path, traced, rw.parts))
     if not changed:

@@ -56,10 +56,14 @@ class _Ctx:
     dtype: torch.dtype | None  # the model's floating dtype, for values of unknown dtype
 
 
-def translate(gm: Workspace) -> Translation:
-    """Build the neutral graph of ``gm``; shapes come from ``node.meta['tensor_meta']`` when present."""
-    fold_constants(gm)
-    ranks = infer_ranks(gm)
+def translate(gm: Workspace, ranks: dict[fx.Node, int] | None = None) -> Translation:
+    """Build the neutral graph of ``gm``; shapes come from ``node.meta['tensor_meta']`` when present.
+
+    ``ranks``: the graph's ranks with its constants already folded (when nothing changed the graph since);
+    computed here otherwise."""
+    if ranks is None:
+        fold_constants(gm)
+        ranks = infer_ranks(gm)
     out = Translation(core.LinearGraph(), ranks=ranks)
     ctx = _Ctx(gm, {n: len(data_users(n)) for n in gm.graph.nodes}, {}, ranks, _model_dtype(gm))
     for node in gm.graph.nodes:
