@@ -154,7 +154,7 @@ def fused_name(nodes: list[fx.Node], gm: Workspace, taken: dict[str, nn.Module])
 def free_name(gm: Workspace, owner: str, leaf: str, taken: dict) -> str:
     """``<owner>.<leaf>`` (then ``_1``, ``_2``...) where nothing holds that name, placed beside rather than
     inside a module the graph calls or reads (that module is the input model's: nothing is added to it)."""
-    targets = {str(n.target) for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
+    targets = gm.original_targets()
     parts = owner.split(".") if owner else []
     for i in range(len(parts)):
         if ".".join(parts[:i + 1]) in targets:

@@ -31,6 +31,9 @@ class _InplaceProxy(fx.Proxy):
         return self.tracer.create_proxy("call_function", operator.itruediv, (self, other), {})
 
 
+_PLAIN = {int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format, torch.layout}
+
+
 class ReparamTracer(fx.Tracer):
     """Keeps conv/BN/pool/pad modules (and their plain subclasses) as leaves, and any submodule whose
     forward cannot be traced.
@@ -62,8 +65,19 @@ class ReparamTracer(fx.Tracer):
         return self._paths.get(id(t))
 
     def create_arg(self, a):
-        """A stored tensor passed as an argument becomes a ``get_attr``, found in the same table."""
-        if isinstance(a, torch.Tensor) and not isinstance(a, fx.Proxy):
+        """A stored tensor passed as an argument becomes a ``get_attr``, found in the same table.  Proxies,
+        plain numbers, strings and their tuples and lists take a short path: fx's general one looks each
+        argument's type up among registered opaque types, which costs more than tracing the node."""
+        kind = type(a)
+        if kind in _PLAIN:
+            return a
+        if isinstance(a, fx.Proxy):
+            return a.node
+        if kind in (tuple, list):
+            return kind(self.create_arg(x) for x in a)
+        if kind is slice:
+            return slice(self.create_arg(a.start), self.create_arg(a.stop), self.create_arg(a.step))
+        if isinstance(a, torch.Tensor):
             name = self._path_of(a)
             if name is not None:
                 return self.create_node("get_attr", name, (), {})

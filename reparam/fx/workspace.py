@@ -30,6 +30,7 @@ class Workspace:
         self.added: dict[str, nn.Module] = {}
         self.opaque: dict[str, str] = {}  # submodule path -> why it is called whole (its forward did not trace)
         self._modules: dict[str, nn.Module] = {}  # root's submodules already looked up (each walk done once)
+        self._targets: set[str] | None = None
 
     def copy(self, root: nn.Module | None = None) -> Workspace:
         """A workspace with a copy of this (not yet rewritten) graph, over ``root`` (by default the same
@@ -41,6 +42,12 @@ class Workspace:
         out.added = dict(self.added)
         out.opaque = dict(self.opaque)
         return out
+
+    def original_targets(self) -> set[str]:
+        """The module and tensor paths the graph called or read before the rewrite added any (computed once)."""
+        if self._targets is None:
+            self._targets = {str(n.target) for n in self.graph.nodes if n.op in ("call_module", "get_attr")}
+        return self._targets
 
     def get_submodule(self, target: str) -> nn.Module:
         if target in self.added:
