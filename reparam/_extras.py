@@ -18,6 +18,7 @@ EXTRAS: dict[str, tuple[tuple[str, str], ...]] = {
     "torch": (("torch", "torch"),),
     "onnx": (("onnx", "onnx"), ("onnx_graphsurgeon", "onnx-graphsurgeon"), ("onnxruntime", "onnxruntime")),
     "bench": (("matplotlib", "matplotlib"),),
+    "simplify": (("onnxslim", "onnxslim"),),
 }
 
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import onnx
 
+from .._extras import install_line
 from .errors import OnnxModelError, one_line
 
 SIMPLIFIERS = ("onnxslim", "onnxsim")
@@ -32,8 +33,8 @@ def simplifier(choice: str | bool = True) -> str:
         except ImportError:
             continue
         return name
-    raise OnnxModelError(f"--simplify needs {' or '.join(names)}; install it with "
-                         "`pip install -c constraints.txt -e '.[simplify]'` (or `pip install onnxslim`)")
+    raise OnnxModelError(f"--simplify needs the simplify extra ({' or '.join(names)} is not installed); install it "
+                         f"with: {install_line(['simplify'])}")
 
 
 def _signature(model: onnx.ModelProto) -> list[tuple[str, int]]:
