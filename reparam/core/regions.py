@@ -491,18 +491,18 @@ def _terms(v: _Value, order: dict[str, int]) -> list[Term]:
 
 
 def _original_cost(p: _Planner, region: Region) -> float:
-    """MACs per exit position of the region's own ops (each op weighted by the strides after it)."""
+    """MACs per exit position of the region's own ops (each op weighted by the strides after it, on its path
+    to the exit: the first reader inside the region, as every inner value leads to the one exit)."""
     inside = set(region.nodes)
+    factor = {region.exit: 1.0}  # stride product from a node's output to the exit
     total = 0.0
-    for n in region.nodes:
-        cost, _ = p.op_cost.get(n, (0.0, 1.0))
-        if not cost:
-            continue
-        factor, cur = 1.0, n
-        while cur != region.exit:
-            cur = next(u for u in p.users[cur] if u in inside)
-            factor *= p.op_cost.get(cur, (0.0, 1.0))[1]
-        total += cost * factor
+    for n in reversed(region.nodes):
+        if n != region.exit:
+            user = next(u for u in p.users[n] if u in inside)
+            factor[n] = factor[user] * p.op_cost.get(user, (0.0, 1.0))[1]
+        cost = p.op_cost.get(n, (0.0, 1.0))[0]
+        if cost:
+            total += cost * factor[n]
     return total
 
 
