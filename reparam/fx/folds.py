@@ -18,7 +18,7 @@ gives.  All weight math is the core's (:func:`reparam.core.fold_bn`, :func:`repa
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -62,6 +62,15 @@ def bn_of(node: fx.Node, gm: Workspace) -> tuple[BnRead, str, fx.Node] | None:
             and isinstance(node.args[0], fx.Node):
         return (lambda: _bn_function(node)[0]), "batch_norm", node.args[0]
     return None
+
+
+def batch_norms(gm: Workspace) -> Iterator[tuple[fx.Node, BnRead, str, fx.Node]]:
+    """Each batch norm of the graph (as it is when reached: rules may erase nodes as they go), with how to
+    read it, its label and its input."""
+    for node in list(gm.graph.nodes):
+        found = bn_of(node, gm) if not getattr(node, "_erased", False) else None
+        if found is not None:
+            yield (node, *found)
 
 
 def conv_of(node: fx.Node, gm: Workspace) -> core.Conv | None:
@@ -298,11 +307,7 @@ def fold_through_reshape(gm: Workspace, ranks: dict[fx.Node, int], report: FuseR
     """``bn(linear(x).flatten(0, 1))``: a row-major reshape of a Linear's output to ``[M, C]`` keeps its last
     dim as the 2-D BN's channels, so the BN folds into the Linear."""
     done = 0
-    for node in list(gm.graph.nodes):
-        found = bn_of(node, gm)
-        if found is None:
-            continue
-        read_bn, label, shaped = found
+    for node, read_bn, label, shaped in batch_norms(gm):
         if (shaped.op, shaped.target) not in _RESHAPES or len(data_users(shaped)) != 1:
             continue
         lin = shaped.args[0]
@@ -352,11 +357,7 @@ def fold_after_concat(gm: Workspace, ranks: dict[fx.Node, int], report: FuseRepo
                       prefix: str = "") -> int:
     """``bn(cat([conv_a(x0), conv_b(x1), ...], 1))``: each conv, read by the concat alone, takes its slice."""
     done = 0
-    for node in list(gm.graph.nodes):
-        found = bn_of(node, gm)
-        if found is None:
-            continue
-        read_bn, label, cat = found
+    for node, read_bn, label, cat in batch_norms(gm):
         if cat.op != "call_function" or cat.target not in (torch.cat, torch.concat) or len(data_users(cat)) != 1:
             continue
         parts = cat.args[0] if cat.args else cat.kwargs.get("tensors")
@@ -486,11 +487,7 @@ def fold_forward(gm: Workspace, ranks: dict[fx.Node, int], report: FuseReport, r
     conv), so the BN is gone.  A BN read by one conv is the region collapse's job, as is a BN right after a
     conv it folds into."""
     done = 0
-    for node in list(gm.graph.nodes):
-        found = bn_of(node, gm)
-        if found is None:
-            continue
-        read_bn, label, src = found
+    for node, read_bn, label, src in batch_norms(gm):
         readers = data_users(node)
         if len(readers) < 2 or (conv_of(src, gm) is not None and len(data_users(src)) == 1):
             continue
