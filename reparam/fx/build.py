@@ -8,25 +8,21 @@ checking on example inputs undoes a part that fails (:mod:`.checks`).
 
 from __future__ import annotations
 
-import functools
-import inspect
-import re
-from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from .. import core
 from ..core.report import Leftover
-from ..torch_ops import _BNS, _CONVS
+from ..torch_ops import _BNS
 from .aten import is_aten, normalize
+from .counting import graph_counts, static_counts
 from .facts import fold_constants, infer_ranks
 from .folds import apply_folds
 from .leftovers import Explainer
+from .parents import carry_attributes, keep_face, reads_inside
 from .report import FuseReport
 from .rewrite import Part, Rewrite, apply_plan, drop_identities, reorder, store_constants
 from .running import GraphRunner, targets
@@ -148,51 +144,6 @@ def _fuse_children(module: nn.Module, prefix: str, opts: Options, out: Build) ->
     return module
 
 
-@functools.lru_cache(maxsize=256)
-def _class_source(cls: type) -> str | None:
-    """The source of the methods of ``cls`` and its bases below nn.Module, construction aside (None when some
-    of it is not available)."""
-    parts = []
-    for c in cls.__mro__:
-        if c in (nn.Module, object) or c.__module__.startswith("torch.nn"):
-            continue
-        for key, fn in vars(c).items():
-            fn = getattr(fn, "__func__", fn)
-            if key in ("__init__", "__setstate__") or not inspect.isfunction(fn):
-                continue
-            try:
-                parts.append(inspect.getsource(fn))
-            except (OSError, TypeError):
-                return None
-    return "\n".join(parts)
-
-
-_MODULE_API = set(dir(nn.Module))
-
-
-def reads_inside(parent: nn.Module, name: str, child: nn.Module) -> bool:
-    """Whether the code of ``parent`` (its class and bases) may reach into its child ``name``: anything but
-    calling it or reading a plain attribute of it (``self.name(x)``, ``self.name.f``), which a replacement
-    keeps.  Containers of torch.nn (Sequential...) are their elements' parents: their code only iterates."""
-    cls = type(parent)
-    if cls.__module__.startswith("torch.nn"):
-        return False
-    source = _class_source(cls)
-    if source is None:
-        return True
-    inner = {n for n, _ in child.named_children()} | {n for n, _ in child.named_parameters(recurse=False)} \
-        | {n for n, _ in child.named_buffers(recurse=False)}
-    own = {k for c in type(child).__mro__ if c not in (nn.Module, object) for k in vars(c)} - _MODULE_API
-    for match in re.finditer(rf"self\.{re.escape(name)}\b(\s*\(|\.(\w+))?", source):
-        call, attr = match.group(1), match.group(2)
-        if call is not None and attr is None:
-            continue  # self.name(...)
-        if attr is not None and attr not in inner and attr not in own and attr not in _MODULE_API:
-            continue  # a plain attribute
-        return True
-    return False
-
-
 def _fuse_traced(ws: Workspace, prefix: str, opts: Options, out: Build, copy_originals: bool
                  ) -> fx.GraphModule | None:
     """Fuse one traced graph; None when nothing changed (the caller keeps the original module)."""
@@ -233,7 +184,7 @@ def _fuse_traced(ws: Workspace, prefix: str, opts: Options, out: Build, copy_ori
     if copy_originals:
         _copy_originals(gm, rw)
     if not prefix:
-        _carry_attributes(ws.root, gm)
+        carry_attributes(ws.root, gm)
     return gm
 
 
@@ -290,110 +241,3 @@ def _set(root: nn.Module, target: str, value: Any) -> None:
         parent._buffers[last] = value
     else:
         setattr(parent, last, value)
-
-
-# ------------------------------------------------------------------------------- what others see
-
-_MODULE_STATE = {"training", "_parameters", "_buffers", "_non_persistent_buffers_set", "_backward_pre_hooks",
-                 "_backward_hooks", "_is_full_backward_hook", "_forward_hooks", "_forward_hooks_with_kwargs",
-                 "_forward_hooks_always_called", "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs",
-                 "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
-                 "_load_state_dict_post_hooks", "_modules", "_compiled_call_impl"}
-
-
-def _carry_attributes(original: nn.Module, gm: nn.Module) -> None:
-    """Give ``gm`` the plain attributes of the module it replaces (``m.f``, ``m.stride``, ``num_classes``...),
-    which surrounding code may read; modules, parameters and buffers are the graph's own business."""
-    for key, value in vars(original).items():
-        if key in _MODULE_STATE or key in vars(gm) or isinstance(value, (nn.Module, torch.Tensor)) or callable(value):
-            continue  # (a bound method on the instance, as an exported module's eval(), is its own business)
-        try:
-            object.__setattr__(gm, key, value)
-        except (AttributeError, TypeError):  # a read-only property of GraphModule
-            continue
-
-
-def _overrides_module(cls: type) -> bool:
-    """``cls`` (or a base below nn.Module) redefines an nn.Module method other than ``__init__``/``forward``:
-    mixing it into a GraphModule would run that method on a module tree it does not know."""
-    allowed = {"__init__", "forward", "extra_repr", "__doc__", "__module__", "__qualname__", "__dict__",
-               "__weakref__", "__annotations__", "__firstlineno__", "__static_attributes__", "__parameters__",
-               "__orig_bases__"}
-    if issubclass(cls, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) or hasattr(cls, "__getitem__"):
-        return True  # indexing would reach the graph's modules, not the ones the code means: fail loudly instead
-    module_names = set(dir(nn.Module)) | set(dir(fx.GraphModule))
-    for c in cls.__mro__:
-        if c in (nn.Module, object) or issubclass(fx.GraphModule, c):
-            continue
-        if (set(vars(c)) - allowed) & module_names:
-            return True
-    return False
-
-
-def keep_face(original: nn.Module, gm: fx.GraphModule) -> nn.Module:
-    """``gm`` as seen by the untraced code around it: the original's plain attributes, and, when that is
-    safe, its class too (``isinstance(m, Detect)`` in a parent's forward keeps working)."""
-    _carry_attributes(original, gm)
-    cls = type(original)
-    if not _overrides_module(cls):
-        try:
-            gm.__class__ = type(cls.__name__, (type(gm), cls), {"__module__": cls.__module__})
-        except TypeError:  # an incompatible layout (slots, a metaclass): attributes only
-            pass
-    return gm
-
-
-# ------------------------------------------------------------------------------------------ counts
-
-_ADD_TARGETS = {"add", "iadd", "add_"}
-
-
-def static_counts(module: nn.Module) -> Counter:
-    """Conv / batch_norm / add / linear ops a module runs, counted without running it: a GraphModule's nodes
-    (recursing into the modules it calls whole), else its standard conv, Linear and BN submodules."""
-    if isinstance(module, fx.GraphModule):
-        return graph_counts(module.graph, lambda t: attr_at(module, t))
-    return _module_kind(module)
-
-
-def graph_counts(graph: fx.Graph, attr: Callable[[str], Any]) -> Counter:
-    """:func:`static_counts` of a graph whose ``call_module`` targets ``attr`` resolves."""
-    counts: Counter = Counter()
-    for node in graph.nodes:
-        if node.op == "call_module":
-            counts += _module_kind(attr(node.target))
-        elif node.op in ("call_function", "call_method"):
-            packet = getattr(node.target, "_overloadpacket", None)  # an ATen overload: its op's name
-            name = packet.__name__ if packet is not None else getattr(node.target, "__name__", str(node.target))
-            if packet is not None and "batch_norm" in name:
-                counts["batch_norm"] += 1
-                continue
-            if name in ("addmm", "mm"):
-                counts["linear"] += 1
-                continue
-            if node.target in (F.batch_norm, torch.batch_norm):
-                counts["batch_norm"] += 1
-            elif "conv" in name and node.op == "call_function":
-                counts["conv"] += 1
-            elif name == "linear":
-                counts["linear"] += 1
-            elif name in _ADD_TARGETS and sum(isinstance(a, fx.Node) and a.op != "get_attr"
-                                              for a in node.args[:2]) == 2:
-                counts["add"] += 1
-    return counts
-
-
-def _module_kind(m: nn.Module) -> Counter:
-    """Counts of a module run whole: a GraphModule by its graph, else its standard layers (each once)."""
-    if isinstance(m, fx.GraphModule):
-        return static_counts(m)
-    counts: Counter = Counter()
-    if isinstance(m, (*_CONVS, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-        counts["conv"] += 1
-    elif isinstance(m, _BNS):
-        counts["batch_norm"] += 1
-    elif isinstance(m, nn.Linear):
-        counts["linear"] += 1
-    for child in m.children():
-        counts += _module_kind(child)
-    return counts

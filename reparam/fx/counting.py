@@ -1,0 +1,71 @@
+"""Conv, batch-norm, add and linear counts of a module, without running it (the report's counts when no
+example inputs are given; with them, the executed ops are counted instead)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..torch_ops import _BNS, _CONVS
+from .workspace import attr_at
+
+_ADD_TARGETS = {"add", "iadd", "add_"}
+
+
+def static_counts(module: nn.Module) -> Counter:
+    """Conv / batch_norm / add / linear ops a module runs, counted without running it: a GraphModule's nodes
+    (recursing into the modules it calls whole), else its standard conv, Linear and BN submodules."""
+    if isinstance(module, fx.GraphModule):
+        return graph_counts(module.graph, lambda t: attr_at(module, t))
+    return _module_kind(module)
+
+
+def graph_counts(graph: fx.Graph, attr: Callable[[str], Any]) -> Counter:
+    """:func:`static_counts` of a graph whose ``call_module`` targets ``attr`` resolves."""
+    counts: Counter = Counter()
+    for node in graph.nodes:
+        if node.op == "call_module":
+            counts += _module_kind(attr(node.target))
+        elif node.op in ("call_function", "call_method"):
+            packet = getattr(node.target, "_overloadpacket", None)  # an ATen overload: its op's name
+            name = packet.__name__ if packet is not None else getattr(node.target, "__name__", str(node.target))
+            if packet is not None and "batch_norm" in name:
+                counts["batch_norm"] += 1
+                continue
+            if name in ("addmm", "mm"):
+                counts["linear"] += 1
+                continue
+            if node.target in (F.batch_norm, torch.batch_norm):
+                counts["batch_norm"] += 1
+            elif "conv" in name and node.op == "call_function":
+                counts["conv"] += 1
+            elif name == "linear":
+                counts["linear"] += 1
+            elif name in _ADD_TARGETS and sum(isinstance(a, fx.Node) and a.op != "get_attr"
+                                              for a in node.args[:2]) == 2:
+                counts["add"] += 1
+    return counts
+
+
+def _module_kind(m: nn.Module) -> Counter:
+    """Counts of a module run whole: a GraphModule by its graph, else its standard layers (each once)."""
+    if isinstance(m, fx.GraphModule):
+        return static_counts(m)
+    counts: Counter = Counter()
+    if isinstance(m, (*_CONVS, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        counts["conv"] += 1
+    elif isinstance(m, _BNS):
+        counts["batch_norm"] += 1
+    elif isinstance(m, nn.Linear):
+        counts["linear"] += 1
+    for child in m.children():
+        counts += _module_kind(child)
+    return counts
+
+
+__all__ = ["graph_counts", "static_counts"]
