@@ -211,12 +211,18 @@ def fold_into_opaque_convs(gm: Workspace, report: FuseReport, rw: Rewrite, prefi
     """A transposed conv, or a conv subclass whose forward is not a standard conv, followed by a BN."""
     done = 0
     for node in list(gm.graph.nodes):
-        prod = producer(node, gm) if node.op == "call_module" else None
-        readers = data_users(node)
-        if prod is None or prod.conv is not None or len(readers) != 1:
+        if node.op != "call_module":
             continue
-        found = bn_of(readers[0], gm)
+        m = gm.get_submodule(node.target)
+        if not ((isinstance(m, _CONV_TRANSPOSES) and plain_forward(m)) or (isinstance(m, _CONVS)
+                                                                          and not plain_forward(m))):
+            continue  # (a standard conv and its BN are the region collapse's)
+        readers = data_users(node)
+        found = bn_of(readers[0], gm) if len(readers) == 1 else None
         if found is None or found[2] is not node:
+            continue
+        prod = producer(node, gm)
+        if prod is None:
             continue
         read_bn, label, _ = found
         fold = _Fold(gm, rw, report, prefix, readers[0])
@@ -428,13 +434,13 @@ def fold_on_slices(gm: Workspace, ranks: dict[fx.Node, int], report: FuseReport,
     """``a, b = conv(x).chunk(2, 1)`` (or ``split``) with a BN on some pieces: the conv takes them all."""
     done = 0
     for node in list(gm.graph.nodes):
-        prod = producer(node, gm)
-        readers = data_users(node)
-        if prod is None or len(readers) != 1 or not prod.ndim:
+        readers = data_users(node) if node.op in ("call_module", "call_function") else ()
+        split = readers[0] if len(readers) == 1 else None
+        if split is None or not ((split.op == "call_method" and split.target in ("split", "chunk"))
+                                 or (split.op == "call_function" and split.target in (torch.split, torch.chunk))):
             continue
-        split = readers[0]
-        if not ((split.op == "call_method" and split.target in ("split", "chunk"))
-                or (split.op == "call_function" and split.target in (torch.split, torch.chunk))):
+        prod = producer(node, gm)
+        if prod is None or not prod.ndim:
             continue
         sizes = _slice_sizes(split, prod.out_channels)
         if sizes is None or _channel_dim(split, 2, "dim", 0, ranks.get(node)) != 1 \
