@@ -100,19 +100,35 @@ class Reference:
         self.outputs[""] = self.output
         self.counts = _counts(counter.counts)
         self._limit: float | None = None
+        self.noise = 0.0  # how far the outputs move under rounding-level input noise (when measured)
 
     def limit(self, model: nn.Module, inputs: tuple) -> float:
         """How far the fused outputs may be from the input model's: the float tolerance, or, for a model whose
-        outputs jump when its inputs move by a few ulps, ten times that jump."""
+        outputs jump when its inputs move by a rounding-sized step (a random-init net that amplifies errors a
+        millionfold, or a top-k), ten times that jump.  The step is 100 ulps of the input's dtype: folding
+        rounds every fused weight once, which moves a deep net's output about as much."""
         if self._limit is None:
             gen = torch.Generator().manual_seed(0)
-            moved = tuple(a + a.abs() * torch.randn(a.shape, generator=gen, dtype=a.dtype) * 4 *
+            moved = tuple(a + a.abs() * torch.randn(a.shape, generator=gen, dtype=a.dtype) * 100 *
                           torch.finfo(a.dtype).eps if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                           for a in inputs)
             with torch.no_grad(), frozen_training_state(model):
-                noise = max_rel(self.output, model(*moved))
-            self._limit = max(tolerance(_dtype_of(self.output)), 10 * noise)
+                self.noise = max_rel(self.output, model(*moved))
+            self._limit = max(tolerance(_dtype_of(self.output)), 10 * self.noise)
         return self._limit
+
+    def note(self, diff: float) -> str | None:
+        """What the report says of an accepted end-to-end difference ``diff`` (None when within tolerance)."""
+        if diff <= tolerance(_dtype_of(self.output)):
+            return None
+        how = "in shape (how many results)" if diff == float("inf") else f"by {diff:.3g} (relative to their scale)"
+        if self._limit is not None and diff <= self._limit:
+            return (f"the outputs differ {how}: the input model's own outputs move by {self.noise:.3g} when its "
+                    "inputs move by 100 ulps (it amplifies float rounding), and every fused part matches what it "
+                    "replaces on the example inputs")
+        return (f"the outputs differ {how}, although every fused part matches what it replaces on the example "
+                "inputs and every fused submodule matches the original on what it received: the model's own code "
+                "after them (top-k, NMS, thresholds) turns float rounding into different results")
 
     def _pre(self, path: str) -> Callable:
         def hook(_m, args):

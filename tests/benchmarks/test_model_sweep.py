@@ -115,6 +115,11 @@ def test_wrong_is_judged_against_the_float64_floor() -> None:
     assert X.judge(X.compare(ref32, far), ref32, far, Reference())["wrong"]
     assert X.judge(X.compare(ref32, close), ref32, close, None)["wrong"]  # no float64 run: the threshold decides
     assert not X.judge(X.compare(ref32, ref32), ref32, ref32, None)["wrong"]
+    # far from the truth in float32, but exact when made from the model in float64: the model amplifies rounding
+    judged = X.judge(X.compare(ref32, far), ref32, far, Reference(), lambda: 1e-13)
+    assert not judged["wrong"] and judged["float64"]["deploy_float64"] == 1e-13
+    assert X.judge(X.compare(ref32, far), ref32, far, Reference(), lambda: 1e-3)["wrong"]
+    assert X.judge(X.compare(ref32, far), ref32, far, Reference(), lambda: None)["wrong"]
 
 
 def test_costlier_and_mac_counter_on_a_transposed_conv() -> None:
