@@ -295,6 +295,9 @@ class _Planner:
         if isinstance(op, Pad):
             if len(op.padding) != v.ndim:
                 raise NotFusable(f"pad has {len(op.padding)} spatial dims, the value has {v.ndim}")
+            if self.strict and v.convs and any(p for pair in op.padding for p in pair):
+                raise NotFusable("padding after a conv would make the conv run over the padded border too (more "
+                                 "MACs, by the border's share of the output; allow_costlier=True permits it)")
             return self._conv(v, pad_conv(op, v.channels))
         raise ReparamError(f"unknown op {type(op).__name__} at {node.name!r}")
 

@@ -94,10 +94,11 @@ class Explainer:
                 seen.add(node.name)
         for name in dict.fromkeys([*self.translated, *self.planned]):  # refused convs and sums, even if a
             lnode = self.lg.nodes.get(name)  # later region rewrote them: why they were not merged further
-            if name in seen or lnode is None or (not isinstance(lnode.op, (core.Conv, core.Add)) \
-                    and not (lnode.op is None and name in self.translated)) or not self._linked(lnode):
-                continue
             why = self._refusal(name)
+            if name in seen or lnode is None or (not isinstance(lnode.op, (core.Conv, core.Add))
+                                                 and not (lnode.op is None and name in self.translated)) \
+                    or not self._linked(lnode) or (isinstance(lnode.op, core.Add) and "is unknown" in why):
+                continue
             out.append(Leftover(self.prefix + where_of(lnode.payload), _label(lnode.payload, self.gm), why,
                                 _kind(why)))
         return out
@@ -124,7 +125,10 @@ class Explainer:
         if isinstance(lnode.op, core.Affine) and any(isinstance(a, fx.Node) and "constant" in a.meta
                                                      for a in node.args):  # a stored tensor, not a number
             return label
-        if (lnode.op is None or isinstance(lnode.op, (core.Add, core.Conv))) and self._refusal(node.name):
+        why = self._refusal(node.name)
+        if isinstance(lnode.op, core.Add) and why and "is unknown" in why:
+            return None  # a sum of values of unknown width (inside attention, say): nothing to fuse it with
+        if (lnode.op is None or isinstance(lnode.op, (core.Add, core.Conv))) and why:
             return label
         return None
 
