@@ -245,11 +245,42 @@ def _makers(spec: ModelSpec, model, args: tuple) -> dict[str, tuple[str, Callabl
         "reparam": ("reparam.fuse(model)", lambda: reparam.fuse(model)),
         "reparam_inputs": ("reparam.fuse(model, example_inputs)", lambda: reparam.fuse(model, _clone(args))),
     }
+    if spec.kind == "image":  # the PT2 path: the program torch.export makes of the model, fused
+        makers["reparam_export"] = ("reparam.fuse(torch.export.export(model, example_inputs))",
+                                    _exported_maker(model, args))
     lib = library_deploy(spec, model)
     if lib is not None:
         makers["library"] = lib
     makers["fx"] = ("torch.fx.experimental.optimization.fuse(copy)", lambda: _fx_fuse(model))
     return makers
+
+
+class Exported(__import__("torch").nn.Module):
+    """A fused ExportedProgram, called through its ``module()`` (which refuses eval(), so it is not a child)."""
+
+    def __init__(self, program) -> None:
+        super().__init__()
+        object.__setattr__(self, "program", program)
+        object.__setattr__(self, "inner", program.module())
+        self.reparam_report = getattr(program, "reparam_report", None)
+
+    def forward(self, *args):
+        return self.inner(*args)
+
+
+def _exported_maker(model, args: tuple) -> Callable[[], Any]:
+    """Exports ``model`` once (not timed: ``make_s`` is the fusion of the program), then fuses the program."""
+    import torch
+
+    import reparam
+
+    program: list = []
+
+    def make():
+        if not program:
+            program.append(torch.export.export(model, _clone(args), strict=False))
+        return Exported(reparam.fuse(program[0]))
+    return make
 
 
 def _fx_fuse(model):
@@ -422,8 +453,8 @@ def _measure_into(rec: dict[str, Any], spec: ModelSpec, seed: int, rounds: int, 
         del fused
         gc.collect()
     rec["input_unchanged"] = _compare(spec, ref, _outputs(spec, model, args))["rel"] == 0.0
-    timed = {k: make for k, (_, make) in makers.items()
-             if k != "fx" and rec["variants"][k]["error"] is None}
+    timed = {k: make for k, (_, make) in makers.items()  # (the exported program's fusion: its make_s, once)
+             if k not in ("fx", "reparam_export") and rec["variants"][k]["error"] is None}
     if rounds > 0 and timed:
         log(f"{spec.id}: timing {', '.join(timed)} and deepcopy, {rounds} rounds")
         fns = {**{k: (lambda m=m: m()) for k, m in timed.items()}, "deepcopy": lambda: copy.deepcopy(model)}

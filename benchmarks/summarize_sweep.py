@@ -24,7 +24,8 @@ ROOT = HERE.parent
 START, END = "<!-- sweep:start -->", "<!-- sweep:end -->"
 #: ``max|fused - unfused| / max|unfused|`` above this (or a different output structure) counts as wrong.
 WRONG_ABOVE = 1e-4
-FUSE_VARIANTS = {"reparam": "`reparam.fuse(model)`", "reparam_inputs": "`reparam.fuse(model, example_inputs)`"}
+FUSE_VARIANTS = {"reparam": "`reparam.fuse(model)`", "reparam_inputs": "`reparam.fuse(model, example_inputs)`",
+                 "reparam_export": "`reparam.fuse(torch.export.export(model, example_inputs))`"}
 CATEGORIES = {
     "raised": "fuse raised",
     "broken": "broken (fused model raises when called)",
@@ -116,6 +117,14 @@ def totals(records: list[dict]) -> dict[str, Any]:
                           r["source"] == src]) for src in sorted({r["source"] for r in ok if _variant(r, "library")})}
         t["time_vs_deepcopy"] = _spread([f["slow_vs_deepcopy"] for f in per if "slow_vs_deepcopy" in f])
         out["variants"][key] = t
+    pairs = [(_variant(r, "reparam_export"), _variant(r, "reparam_inputs")) for r in ok]
+    pairs = [(e, i) for e, i in pairs if _ran(e) and _ran(i)]
+    out["export_vs_eager"] = {
+        "models": len(pairs),
+        "same_ops": sum(1 for e, i in pairs if all(e["counts"][k] == i["counts"][k] for k in ("conv", "batch_norm"))),
+        "more_ops": sum(1 for e, i in pairs if any(e["counts"][k] > i["counts"][k] for k in ("conv", "batch_norm"))),
+        "time_ratio": _spread([e["make_s"] / i["make_s"] for e, i in pairs if i.get("make_s")]),
+    }
     for key in ("library", "fx"):
         vs = [(r, _variant(r, key)) for r in ok if _variant(r, key) is not None]
         out[key] = {"models": len(vs), "raised": sum(1 for _, v in vs if v.get("error")),
@@ -168,6 +177,12 @@ def totals_text(t: dict) -> str:
         lines.append(totals_line(t, key))
         lines.append(f"{FUSE_VARIANTS[key]}: executed BN after: {t['variants'][key]['bn_executed_after']} in "
                      f"{t['variants'][key]['models_with_bn_after']} models")
+    ev = t.get("export_vs_eager")
+    if ev and ev["models"]:
+        lines.append(f"exported program fused vs the eager `reparam.fuse(model, example_inputs)`: {ev['models']} "
+                     f"models fused both ways, {ev['same_ops']} with the same executed convs and BN, "
+                     f"{ev['more_ops']} with more; fuse time (checks and the re-export included) median "
+                     f"{_x(ev['time_ratio']['median'])} of the eager one's, worst {_x(ev['time_ratio']['worst'])}")
     lib, fx = t["library"], t["fx"]
     lines.append(f"library deploy forms: {lib['models']} models, {lib['raised']} raised, {lib['broken']} broken, "
                  f"{lib['wrong']} wrong, executed BN after {lib['bn_executed_after']}")

@@ -80,7 +80,7 @@ def test_local_model_record_fields() -> None:
     # MACs: independent count of the three convs (no bias) and the Linear at 16x16
     assert rec["before"]["weight_macs"] == 16 * 16 * 8 * (3 * 9 + 8 * 9 + 8) + 8 * 5
     assert rec["before"]["macs"] == rec["before"]["weight_macs"]
-    assert set(rec["variants"]) == {"reparam", "reparam_inputs", "fx"}
+    assert set(rec["variants"]) == {"reparam", "reparam_inputs", "reparam_export", "fx"}
     for key in ("reparam", "reparam_inputs"):
         v = rec["variants"][key]
         assert v["error"] is None and not v["broken"] and not v["wrong"]
