@@ -27,6 +27,7 @@ from ._fold import fold_constants
 from ._graph import Inferred, Names, TensorInfo, all_names, infer_info, is_default_domain, subgraph_reads
 from ._inputs import InputShapes, resolve_input_shapes, restore_runtime_inputs, with_input_shapes
 from ._layout import share_transposes
+from ._pools import fold_pads_into_max_pools
 from ._translate import Translation, Translator, _Opaque, is_training_bn
 from .errors import OnnxModelError, one_line
 from .io import (
@@ -167,6 +168,9 @@ def run(model: ModelLike | Loaded, *, allow_costlier: bool = False, fold: bool =
         plan = core.plan(tr.graph, allow_costlier=allow_costlier, per_channel_terms=True)  # written as Mul/Add
         rw.record_refusals(tr, plan)
         rw.apply(tr, plan, say)
+        report.pads_into_pools = fold_pads_into_max_pools(
+            graph, Translator(graph, inferred, opset, overridable=frozenset(runtime), cache=tl.cache,
+                              payloads=payloads))
     graph.cleanup(recurse_subgraphs=False, recurse_functions=False)
     graph.toposort(recurse_subgraphs=False, recurse_functions=False)
     say("building the output model")

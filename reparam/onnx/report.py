@@ -62,6 +62,7 @@ class FuseReport:
     input_shapes: dict[str, list] = field(default_factory=dict)  # graph input shapes set by the caller
     constants_folded: list[str] = field(default_factory=list)  # values of constant subgraphs made initializers
     transposes_shared: int = 0  # Mul/Add chains rebuilt after a shared Transpose (tf2onnx NHWC graphs)
+    pads_into_pools: int = 0  # MaxPools that now pad themselves (a zero Pad of a Relu output folded in)
     ops_fused: Counter | None = None  # op histogram after fusing, before the simplifier
     simplified_by: str | None = None  # "onnxslim 0.1.98" when --simplify ran
 
@@ -127,6 +128,8 @@ class FuseReport:
                          + (", ..." if len(self.constants_folded) > 8 else ""))
         if self.transposes_shared:
             lines.append(f"{self.transposes_shared} per-channel Mul/Add chains moved after a shared Transpose")
+        if self.pads_into_pools:
+            lines.append(f"{self.pads_into_pools} zero Pad(s) of a Relu output folded into the MaxPool reading them")
         if self.simplified_by:
             lines.append(f"simplified by {self.simplified_by}: {sum(self.ops_fused.values())} -> "
                          f"{self.nodes_after} nodes")
@@ -151,6 +154,7 @@ class FuseReport:
             "input_shapes": dict(self.input_shapes),
             "constants_folded": list(self.constants_folded),
             "transposes_shared": self.transposes_shared,
+            "pads_into_pools": self.pads_into_pools,
             "simplified_by": self.simplified_by,
             "notes": list(self.notes),
         }
