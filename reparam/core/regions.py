@@ -199,6 +199,14 @@ def macs_per_output(conv: Conv) -> int:
     return int(conv.weight.size)  # out * in/groups * taps
 
 
+class _Unpaid(NotFusable):
+    """A sum refused by :meth:`_Planner._check_paid_for`; ``inputs``: the positions of the inputs at fault."""
+
+    def __init__(self, message: str, inputs: list[int]) -> None:
+        super().__init__(message)
+        self.inputs = inputs
+
+
 def _scaled(v: _Value, c: float) -> _Value:
     """``c * v`` (the coefficient of one input of a signed sum)."""
     if c == 1.0:
@@ -361,9 +369,9 @@ class _Planner:
         nds = {v.ndim for v in ins}
         if len(chans) > 1 or len(nds) > 1:
             raise NotFusable(f"add of values with different channels/dims: {sorted(chans)}/{sorted(nds)}")
-        if self.strict:
-            self._check_paid_for(ins)
         ins = [_scaled(v, op.coefficient(k)) for k, v in enumerate(ins)]
+        if self.strict:  # after the coefficients: in ``bn(conv(h)) - x``, -x is a per-channel op of x
+            self._check_paid_for(ins)
         grouped: dict[str, list[KernelSum]] = {}
         for v in ins:
             for s, t in v.terms.items():
@@ -384,15 +392,21 @@ class _Planner:
     @staticmethod
     def _check_paid_for(ins: list[_Value]) -> None:
         """Refuse a sum in which a per-channel op, pad or pool of a source would become a conv of its own:
-        that source reaches the sum through no conv (``bn(x) + conv(y)``), so the rewrite would add one."""
+        that source reaches the sum through no conv (``bn(x) + conv(y)``), so the rewrite would add one.
+        The error names those inputs: materialized, they join the sum as plain values."""
+        unpaid, first = [], None
         for k, v in enumerate(ins):
             if v.convs:
                 continue
             others = {s for j, w in enumerate(ins) if j != k for s in w.terms}
             alone = [s for s, t in v.terms.items() if s not in others and not t.is_unit]
             if alone:
-                raise NotFusable(f"the value of {alone[0]!r} reaches this sum through no conv: summing it with "
-                                 "other sources would turn its per-channel op into a conv of its own")
+                unpaid.append(k)
+                first = first or alone[0]
+        if unpaid:
+            raise _Unpaid(f"the value of {first!r} reaches this sum through no conv: summing it with other "
+                          "sources would turn its per-channel op (a BN, scale or negation) into a conv of its own",
+                          unpaid)
 
     # -- the pass ------------------------------------------------------------------------------------
     def run(self) -> Plan:
@@ -403,7 +417,14 @@ class _Planner:
                 continue
             self.current = name
             try:
-                self.values[name] = self._apply(node, [self._input_value(i) for i in node.inputs])
+                try:
+                    self.values[name] = self._apply(node, [self._input_value(i) for i in node.inputs])
+                except _Unpaid as err:  # those inputs are computed as they are and summed as plain values
+                    culprits = {node.inputs[k] for k in err.inputs} - self.exits - self.opaque
+                    if not culprits:
+                        raise
+                    self.exits.update(culprits)
+                    self.values[name] = self._apply(node, [self._input_value(i) for i in node.inputs])
                 if len(self.users[name]) > 1 and len(self.values[name].terms) > 1:
                     self.exits.add(name)  # inlining a sum of sources for several readers repeats them per source
                 continue

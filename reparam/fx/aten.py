@@ -72,6 +72,11 @@ def _pad(node: fx.Node) -> tuple[Callable, tuple]:
     return F.pad, (node.args[0], node.args[1], "constant", _arg(node, 2, "value", 0.0))
 
 
+def _dropout(node: fx.Node) -> tuple[Callable, tuple]:
+    """``aten.dropout(x, p, train)``: an identity when ``train`` is False (a program exported in eval mode)."""
+    return F.dropout, (node.args[0], _arg(node, 1, "p", 0.5), _arg(node, 2, "train", True))
+
+
 def _same(fn: Callable) -> Callable[[fx.Node], tuple[Callable, tuple]]:
     def make(node: fx.Node) -> tuple[Callable, tuple]:
         return fn, tuple(node.args)
@@ -94,7 +99,7 @@ _TWINS: dict[Any, Callable[[fx.Node], tuple[Callable, tuple] | None]] = {
     aten.reshape.default: _same(torch.reshape), aten.permute.default: _same(torch.permute),
     aten.t.default: _same(torch.t), aten.cat.default: _same(torch.cat), aten.mean.dim: _same(torch.mean),
     aten.split.Tensor: _same(torch.split), aten.split_with_sizes.default: _same(torch.split),
-    aten.chunk.default: _same(torch.chunk),
+    aten.chunk.default: _same(torch.chunk), aten.dropout.default: _dropout,
 }
 
 
@@ -114,6 +119,11 @@ def normalize(graph: fx.Graph) -> int:
         if node.target is aten.addmm.default:
             done += _addmm(graph, node)
             continue
+        if node.target is aten.clone.default and _plain_clone(node):
+            node.replace_all_uses_with(node.args[0])  # what eval-mode dropout decomposes to
+            graph.erase_node(node)
+            done += 1
+            continue
         make = _TWINS.get(node.target)
         twin = make(node) if make is not None else None
         if twin is None:
@@ -126,6 +136,15 @@ def normalize(graph: fx.Graph) -> int:
         graph.erase_node(node)
         done += 1
     return done
+
+
+def _plain_clone(node: fx.Node) -> bool:
+    """A copy that only a functional graph's nodes read: dropping it changes no value (nothing in an ATen
+    graph writes in place) and no memory format, and the program does not return it (it would then alias
+    its input)."""
+    fmt = node.kwargs.get("memory_format")
+    return (isinstance(node.args[0], fx.Node) and fmt in (None, torch.preserve_format)
+            and all(u.op != "output" for u in node.users))
 
 
 def _legit_bn(graph: fx.Graph, node: fx.Node) -> int:

@@ -679,7 +679,7 @@ class _SameConv(nn.Conv2d):
 class _Idiom(nn.Module):
     """One idiom stage; ``kind`` names it, ``counts`` is what runs after fusion, ``out_channels`` its width."""
 
-    KINDS_ANY = ("bnact", "split_bn", "mixconv", "prenorm", "layerscale", "preact")
+    KINDS_ANY = ("bnact", "split_bn", "mixconv", "prenorm", "layerscale", "preact", "gated")
     KINDS_2D = ("shuffle", "tf_same")
 
     def __init__(self, kind: str, nd: int, c: int, act: str) -> None:
@@ -710,6 +710,12 @@ class _Idiom(nn.Module):
             self.conv, self.bn = conv(c, c, 3, padding=1, bias=False), bn(c)
             self.gamma = nn.Parameter(0.5 + torch.rand((c,) + (1,) * nd))
             counts = _counts(conv=1)
+        elif kind == "gated":  # act(x + a * (bn(conv(act(conv(x)))) - x)): the gated sum stays, the BN folds
+            self.fc1, self.fc2 = conv(c, 2 * c, 1), conv(2 * c, c, 1, bias=False)
+            self.bn = bn(c)
+            self.alpha = nn.Parameter(torch.randn(c))
+            counts = _counts(conv=2)
+            self.counts_costlier = _counts(conv=3)  # allow_costlier: (1 - a) * x becomes a conv of its own
         elif kind == "preact":  # BN -> act -> conv: the BN cannot fold (it stays)
             self.bn, self.conv = bn(c), conv(c, c, 3, padding=1)
             counts = _counts(conv=1, batch_norm=1)
@@ -723,6 +729,10 @@ class _Idiom(nn.Module):
         else:
             raise ValueError(f"unknown idiom {kind!r}")
         self.counts = counts
+
+    def expected(self, allow_costlier: bool) -> dict[str, int]:
+        """What runs after fusion (a costlier rewrite may be allowed to add convs)."""
+        return getattr(self, "counts_costlier", self.counts) if allow_costlier else self.counts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self.kind
@@ -744,6 +754,9 @@ class _Idiom(nn.Module):
             return self.act(x + self.gamma * self.bn(self.conv(x)))
         if k == "preact":
             return self.act(self.conv(self.act(self.bn(x))))
+        if k == "gated":
+            a = torch.sigmoid(self.alpha).view((-1,) + (1,) * self.nd)
+            return self.act(x + a * (self.bn(self.fc2(self.act(self.fc1(x)))) - x))
         if k == "shuffle":
             y = torch.cat([self.a(x), self.b(x)], 1)
             b, c, h, w = y.shape
@@ -789,6 +802,8 @@ class RepNet(nn.Module):
                 e = stage.block.expected_ops(allow_costlier, extra_identity=stage.residual == "pre")
                 if e is None:
                     return None
+            elif isinstance(stage, _Idiom):
+                e = stage.expected(allow_costlier)
             total = _add_counts(total, e)
         return total
 

@@ -131,6 +131,26 @@ def test_program_exported_in_training_mode_keeps_batch_statistics_with_a_reason(
     assert left.kind == "not-foldable" and "training" in left.reason, fused.reparam_report
 
 
+@pytest.mark.parametrize("decomposed", [False, True])
+def test_eval_mode_dropout_between_bn_and_linear_is_an_identity(decomposed: bool) -> None:
+    """A classifier head ``linear(dropout(bn1d(mean(x))))`` (LeViT's): the exported eval-mode dropout is
+    ``aten.dropout(x, p, False)``, a no-op, so the BN folds forward into the Linear as in the eager module."""
+    torch.manual_seed(0)
+    model = nn.Sequential(conv_bn(C, C, 3), nn.ReLU(), nn.Flatten(2), Mean(), nn.BatchNorm1d(C), nn.Dropout(0.2),
+                          nn.Linear(C, 5))
+    randomize_bn_(model, 0)
+    model.eval()
+    x = x_of(2, C, 6, 6)
+    fused = reparam.fuse(_export(model, x, decomposed=decomposed))
+    assert_outputs_close(model(x), _run(fused, x), rtol=1e-5)
+    assert count_executed_ops(fused.module(), x)["batch_norm"] == 0, fused.reparam_report
+
+
+class Mean(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(2)
+
+
 def test_module_of_a_program_is_fused_too() -> None:
     model = _net()
     x = x_of(2, C, 6, 6)

@@ -436,6 +436,54 @@ def test_ranks_from_the_graph_without_example_inputs() -> None:
     assert count_executed_ops(fused, x)["mul"] == 0 and count_executed_ops(fused, x)["add"] == 0
 
 
+class GatedResidual(nn.Module):
+    """EfficientViM's gated FFN residual, ``x + a * (bn(conv(h)) - x)`` with ``h = relu(conv(x))``: the sum
+    would make ``(1 - a) * x`` a conv of its own, so it stays elementwise; the BN still folds into its conv
+    (timm's deploy form does the same)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv2d(C, 2 * C, 1)
+        self.fc2 = nn.Conv2d(2 * C, C, 1, bias=False)
+        self.bn = nn.BatchNorm2d(C)
+        self.alpha = nn.Parameter(torch.randn(C))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.sigmoid(self.alpha).view(-1, 1, 1)
+        return x + a * (self.bn(self.fc2(F.relu(self.fc1(x)))) - x)
+
+
+@pytest.mark.parametrize("example", [True, False])
+def test_gated_residual_with_a_subtraction_keeps_its_sum_and_folds_its_bn(example: bool) -> None:
+    torch.manual_seed(0)
+    model = GatedResidual()
+    x = x_of(2, C, 6, 6)
+    fused, rep = fuse_checked(model, x, example=example)
+    assert ops(fused, x) == {"conv": 2, "batch_norm": 0, "linear": 0}, rep
+    explained(model, fused, x)
+
+
+class ScaledBranch(nn.Module):
+    """A scaled non-linear branch inside a sum of conv branches, ``a(x) + (hardswish(x) / 6 + b(x))`` (how an
+    exported, decomposed hardswish branch reads): the scaled value joins the sum as it is, the convs merge."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(C, C, 3, padding=1), nn.Conv2d(C, C, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + (F.hardswish(x) / 6 + self.b(x))
+
+
+@pytest.mark.parametrize("example", [True, False])
+def test_scaled_value_in_a_sum_of_convs_stays_a_plain_summand(example: bool) -> None:
+    torch.manual_seed(0)
+    model = ScaledBranch()
+    x = x_of(2, C, 6, 6)
+    fused, rep = fuse_checked(model, x, example=example)
+    assert ops(fused, x)["conv"] == 1, rep
+
+
 class FrozenBN(nn.Module):
     """torchvision's FrozenBatchNorm2d: buffers only, the affine computed in forward."""
 
