@@ -103,6 +103,10 @@ _TWINS: dict[Any, Callable[[fx.Node], tuple[Callable, tuple] | None]] = {
 }
 
 
+_AS_METHODS = {aten.reshape_as.default: "reshape_as", aten.view_as.default: "view_as",
+               aten.expand_as.default: "expand_as", aten.type_as.default: "type_as"}
+
+
 def is_aten(graph: fx.Graph) -> bool:
     return any(isinstance(n.target, torch._ops.OpOverload) for n in graph.nodes)
 
@@ -118,6 +122,14 @@ def normalize(graph: fx.Graph) -> int:
             continue
         if node.target is aten.addmm.default:
             done += _addmm(graph, node)
+            continue
+        if node.target in _AS_METHODS:  # ``y.reshape_as(x)`` reads only the shape of x: a method, as traced
+            with graph.inserting_before(node):
+                new = graph.call_method(_AS_METHODS[node.target], tuple(node.args))
+            new.meta.update(node.meta)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            done += 1
             continue
         if node.target is aten.clone.default and _plain_clone(node):
             node.replace_all_uses_with(node.args[0])  # what eval-mode dropout decomposes to

@@ -316,12 +316,15 @@ def fold_through_reshape(gm: Workspace, ranks: dict[fx.Node, int], report: FuseR
     for node, read_bn, label, shaped in batch_norms(gm):
         if (shaped.op, shaped.target) not in _RESHAPES or len(data_users(shaped)) != 1:
             continue
-        lin = shaped.args[0]
-        if not isinstance(lin, fx.Node) or lin.op != "call_module" or len(data_users(lin)) != 1:
+        lin = shaped.args[0]  # a Linear module or F.linear on stored weights (an exported program's form)
+        while isinstance(lin, fx.Node) and (lin.op, lin.target) in _RESHAPES and len(data_users(lin)) == 1:
+            lin = lin.args[0]  # a decomposed linear is view -> linear -> view: row-major reshapes keep i % C
+        if not isinstance(lin, fx.Node) or lin.op not in ("call_module", "call_function") \
+                or len(data_users(lin)) != 1:
             continue
-        m = gm.get_submodule(lin.target)
         conv = conv_of(lin, gm)
-        if not isinstance(m, nn.Linear) or conv is None:
+        if conv is None or conv.weight.ndim != 2 or (
+                lin.op == "call_module" and not isinstance(gm.get_submodule(lin.target), nn.Linear)):
             continue
         fold = _Fold(gm, rw, report, prefix, node)
         if fold.id in rw.skip:
@@ -331,7 +334,7 @@ def fold_through_reshape(gm: Workspace, ranks: dict[fx.Node, int], report: FuseR
                                      "(pass example_inputs)", "needs-shapes")
             continue
         try:
-            new = _new_conv(core.fold_bn(conv, read_bn()), m.weight)
+            new = _new_conv(core.fold_bn(conv, read_bn()), _weight_of(lin, gm))
         except NotFusable as err:
             rw.reasons[node.name] = (str(err), "algebra")
             continue
@@ -340,9 +343,9 @@ def fold_through_reshape(gm: Workspace, ranks: dict[fx.Node, int], report: FuseR
         fold.replace(lin, out)
         fold.drop_bn(shaped)
         gm.graph.erase_node(lin)
-        channels = m.out_features
+        channels = conv.out_channels
         fold.check([out.args[0]], node, lambda v, new=new, c=channels: new(v[0]).reshape(-1, c))
-        fold.done([type(m).__name__, str(shaped.target), label], 1)
+        fold.done(["Linear", str(shaped.target), label], 1)
         done += 1
     return done
 

@@ -10,7 +10,7 @@ import torch
 from fx_helpers import ACNet, C, RepVGG, conv_bn, examples, x_of
 from hypothesis import given
 from hypothesis import strategies as st
-from test_fx_idioms import LayerScale, MixConv, MobileOneBlock, PreNorm, SplitBN
+from test_fx_idioms import GatedResidual, LayerScale, MixConv, MobileOneBlock, PreNorm, SplitBN, Tokens
 from torch import nn
 from torch.export import Dim
 
@@ -89,10 +89,13 @@ def test_round_trip_save_load_module_and_onnx() -> None:
 
 @pytest.mark.parametrize("make,shape", [
     (MobileOneBlock, (2, C, 6, 6)), (PreNorm, (2, C, 6, 6)), (lambda: SplitBN("split"), (2, C, 6, 6)),
-    (lambda: MixConv(), (2, 2 * C, 6, 6)), (LayerScale, (2, C, 6, 6))])
+    (lambda: MixConv(), (2, 2 * C, 6, 6)), (LayerScale, (2, C, 6, 6)), (Tokens, (2, C, 8, 8)),
+    (GatedResidual, (2, C, 6, 6))])
 @pytest.mark.parametrize("decomposed", [False, True])
 def test_idioms_through_export(make, shape, decomposed: bool) -> None:
     """The real-world idioms, exported and fused, against the eager model and the eager fusion."""
+    if make is Tokens and decomposed:
+        pytest.skip("decomposed, a Linear on transposed tokens becomes expand + bmm: not folded (docs/export.md)")
     torch.manual_seed(0)
     model = make()
     randomize_bn_(model, 0)
