@@ -689,6 +689,7 @@ class _Idiom(nn.Module):
         h = c // 2 or 1
         self.act = _ACTS[act]()
         self.out_channels = c
+        costlier = None  # what runs when a costlier rewrite is allowed, where that differs
         if kind == "bnact":  # conv -> BatchNormAct (rank assert): one conv
             self.conv, self.bn = conv(c, c, 3, padding=1, bias=False), _BNAct(nd, c, act)
             counts = _counts(conv=1)
@@ -715,7 +716,7 @@ class _Idiom(nn.Module):
             self.bn = bn(c)
             self.alpha = nn.Parameter(torch.randn(c))
             counts = _counts(conv=2)
-            self.counts_costlier = _counts(conv=3)  # allow_costlier: (1 - a) * x becomes a conv of its own
+            costlier = _counts(conv=3)  # allow_costlier: (1 - a) * x becomes a conv of its own
         elif kind == "preact":  # BN -> act -> conv: the BN cannot fold (it stays)
             self.bn, self.conv = bn(c), conv(c, c, 3, padding=1)
             counts = _counts(conv=1, batch_norm=1)
@@ -729,10 +730,11 @@ class _Idiom(nn.Module):
         else:
             raise ValueError(f"unknown idiom {kind!r}")
         self.counts = counts
+        self.counts_costlier = costlier or counts
 
     def expected(self, allow_costlier: bool) -> dict[str, int]:
         """What runs after fusion (a costlier rewrite may be allowed to add convs)."""
-        return getattr(self, "counts_costlier", self.counts) if allow_costlier else self.counts
+        return self.counts_costlier if allow_costlier else self.counts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self.kind
