@@ -23,6 +23,7 @@ from .facts import fold_constants, infer_ranks
 from .folds import apply_folds
 from .leftovers import Explainer
 from .parents import carry_attributes, keep_face, reads_inside
+from .patching import tracing_session
 from .report import FuseReport
 from .rewrite import Part, Rewrite, apply_plan, drop_identities, reorder, store_constants
 from .running import GraphRunner, targets
@@ -75,6 +76,11 @@ class Options:
 
 def build(model: nn.Module, opts: Options, *, copy_model: bool = True) -> Build:
     """Fuse ``model`` (already in eval mode); the model itself is left as it is when ``copy_model``."""
+    with tracing_session():  # fx's patches applied once for all the traces below
+        return _build(model, opts, copy_model)
+
+
+def _build(model: nn.Module, opts: Options, copy_model: bool) -> Build:
     rep = FuseReport()
     out = Build(model, rep, undone=dict(opts.undone))
     rep.undone = [(pid, why) for pid, why in opts.undone.items()]

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import copy
+import dis
+import functools
+import inspect
 import operator
 from collections.abc import Iterator
+from types import CodeType
 
 import torch
 from torch import fx, nn
 
 from ..torch_ops import _BNS, _CONV_TRANSPOSES, _CONVS, _PADS, _POOLS, is_exported_module, plain_forward
+from .patching import autowrap_ids, tracing
 from .workspace import Workspace
 
 
@@ -29,6 +35,24 @@ class _InplaceProxy(fx.Proxy):
 
     def __itruediv__(self, other):
         return self.tracer.create_proxy("call_function", operator.itruediv, (self, other), {})
+
+    def __iter__(self):
+        """As fx's: ``a, b = proxy`` gives that many items, any other iteration fails; the calling code's
+        instructions are decoded once per code object instead of on every call."""
+        caller = inspect.currentframe().f_back
+        offsets, unpacks = _instructions(caller.f_code)
+        at = bisect.bisect_left(offsets, caller.f_lasti)
+        count = unpacks[at] if at < len(unpacks) else None
+        if count is not None:
+            return (self[i] for i in range(count))
+        return self.tracer.iter(self)
+
+
+@functools.lru_cache(maxsize=4096)
+def _instructions(code: CodeType) -> tuple[list[int], list[int | None]]:
+    """The offsets of ``code``'s instructions and, for each, its item count if it is an UNPACK_SEQUENCE."""
+    insts = list(dis.get_instructions(code))
+    return [i.offset for i in insts], [i.argval if i.opname == "UNPACK_SEQUENCE" else None for i in insts]
 
 
 _PLAIN = {int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format, torch.layout}
@@ -53,9 +77,17 @@ class ReparamTracer(fx.Tracer):
         self.opaque: dict[str, str] = {}  # module path -> why its forward could not be traced
         self.saved: State = {}  # the modules' plain state before tracing (forward code may cache proxies in it)
         self._paths: dict[int, str] | None = None  # id of each parameter and buffer -> its path
+        ids = autowrap_ids()
+        if ids is not None:
+            self._autowrap_function_ids = ids
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _InplaceProxy(node, self)
+
+    def trace(self, root, concrete_args=None) -> fx.Graph:
+        self.proxy_cache: dict = {}  # fx's parameter proxy cache, for a session's module wrappers
+        with tracing(self):
+            return super().trace(root, concrete_args)
 
     def _path_of(self, t: torch.Tensor) -> str | None:
         if self._paths is None:

@@ -1,0 +1,100 @@
+"""One set of fx's tracing patches for all the traces of a fusion.
+
+``fx.Tracer.trace`` patches ``nn.Module.__getattr__`` and ``__call__``, every function registered with
+``torch.fx.wrap`` and the functions of ``math`` on entry, and reverts them on exit.  Writing a dunder
+attribute of ``nn.Module`` makes CPython update the slot of every subclass, and with timm or ultralytics
+loaded there are thousands: the four writes and the wrappers cost 3-4 ms a trace.  A fusion traces each child of
+an untraceable parent on its own (a YOLO model: about 60 traces), so that was a third of its time.
+
+:func:`tracing_session` applies the same patches once.  Its module wrappers hand each call to the
+:class:`~reparam.fx.tracing.ReparamTracer` tracing in this thread (see :func:`tracing`), or to the original
+when none is, and they carry fx's "already patched" mark, so each ``trace`` inside the session leaves them
+as they are.  When this torch's fx lacks a private name used here, the session does nothing and every trace
+patches for itself, as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from torch import fx, nn
+
+_fx = fx._symbolic_trace
+_NEEDED = ("_Patcher", "_patch_wrapped_functions", "_autowrap_check", "CURRENT_PATCHER")
+_MARK = "__fx_already_patched"
+_state = threading.local()  # .tracer: the ReparamTracer tracing in this thread; .active: a session is open
+
+
+def fx_tracing() -> bool:
+    """An fx trace is under way (its patcher is current)."""
+    return getattr(_fx, "CURRENT_PATCHER", None) is not None
+
+
+def autowrap_ids() -> set[int] | None:
+    """In a session, the ids of ``math``'s own functions (a tracer made now would take the session's
+    wrappers for them, and wrap them again on every trace)."""
+    return getattr(_state, "ids", None) if getattr(_state, "active", False) else None
+
+
+def current_tracer() -> Any:
+    return getattr(_state, "tracer", None)
+
+
+@contextlib.contextmanager
+def tracing(tracer: Any) -> Iterator[None]:
+    """Route module calls and attribute reads to ``tracer`` while it traces (inside a session)."""
+    outer = current_tracer()
+    _state.tracer = tracer
+    try:
+        yield
+    finally:
+        _state.tracer = outer
+
+
+@contextlib.contextmanager
+def tracing_session() -> Iterator[None]:
+    """Keep fx's tracing patches applied for the duration (nested sessions and fx traces already under
+    way leave it a no-op)."""
+    getattr_, call = nn.Module.__getattr__, nn.Module.__call__
+    if getattr(_state, "active", False) or not all(hasattr(_fx, n) for n in _NEEDED) or fx_tracing():
+        yield
+        return
+
+    @functools.wraps(getattr_)
+    def module_getattr(mod: nn.Module, attr: str) -> Any:
+        value = getattr_(mod, attr)
+        tracer = current_tracer()
+        return value if tracer is None else tracer.getattr(attr, value, tracer.proxy_cache)
+
+    @functools.wraps(call)
+    def module_call(mod: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        tracer = current_tracer()
+        if tracer is None:
+            return call(mod, *args, **kwargs)
+        patcher = getattr(_fx, "CURRENT_PATCHER", None)
+        if patcher is not None:  # as fx does on each call: math functions imported into the forward's module
+            _fx._autowrap_check(patcher, getattr(getattr(mod, "forward", mod), "__globals__", {}),
+                                tracer._autowrap_function_ids)
+
+        def forward(*a: Any, **k: Any) -> Any:
+            return call(mod, *a, **k)
+        return tracer.call_module(mod, forward, args, kwargs)
+
+    with _fx._Patcher() as patcher:
+        patcher.patch_method(nn.Module, "__getattr__", module_getattr)
+        patcher.patch_method(nn.Module, "__call__", module_call)
+        _fx._patch_wrapped_functions(patcher)
+        ids = fx.Tracer()._autowrap_function_ids
+        _fx._autowrap_check(patcher, math.__dict__, ids)
+        for p in patcher.patches_made:  # the mark fx looks for (its own sets a name-mangled one, never found)
+            setattr(p.new_fn, _MARK, True)
+        _state.active, _state.ids = True, ids
+        try:
+            yield
+        finally:
+            _state.active, _state.ids = False, None
