@@ -308,8 +308,8 @@ def compose(a: Conv, b: Conv, *, weights: bool = True) -> Conv:
         tap = wb[(Ellipsis, *jb)]
         if depthwise_a:
             part = tap.reshape(tap.shape + (1,) * nd) * wa
-        else:
-            part = np.einsum("goc,gci...->goi...", tap, wa)
+        else:  # per group, [og, mg] @ [mg, ig * taps]: a BLAS product (einsum's own loop is ~50x slower)
+            part = np.matmul(tap, wa.reshape(groups, mg, -1)).reshape((groups, og, ig) + a.kernel_size)
         at = tuple(jb[i] * b.dilation[i] * sa[i] // dil[i] for i in range(nd))
         sl = tuple(slice(at[i], at[i] + a_step[i] * (a.kernel_size[i] - 1) + 1, a_step[i])
                    for i in range(nd))
