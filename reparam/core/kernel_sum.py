@@ -150,6 +150,8 @@ class _Blocks:
     def rows(self, r0: int, r1: int) -> bool:
         """Compute output channels ``r0:r1``; True if they are all finite."""
         out, main = self.out, self.main
+        if main is not None and not self.rest and main.conv.groups == self.groups:
+            return self._scaled_rows(r0, r1)
         per = math.prod(out.shape[1:])
         step = max(1, min(r1 - r0, max(8, _BLOCK // max(per, 1))))
         buf = np.empty((step,) + out.shape[1:])
@@ -177,9 +179,38 @@ class _Blocks:
                     b[at] += target
                 o = out[i:j]
                 np.copyto(o, b, casting="unsafe")
-                if o.size and not (np.isfinite(o.max()) and np.isfinite(o.min())):  # NaN propagates through both
-                    finite = False
+                finite = _finite(o) and finite
         return finite
+
+    def _scaled_rows(self, r0: int, r1: int) -> bool:
+        """Rows ``r0:r1`` of a kernel that is one scaled part (a conv and its BN): numpy multiplies in float64
+        (the scale's type) and rounds each product once into ``out``, in its own cache-sized chunks, so no
+        float64 buffer is needed: the same values as the general path, with one pass over memory."""
+        w, scale, out = self.main.conv.weight, self.main.scale, self.out
+        scale = None if scale is None else np.asarray(scale, dtype=np.float64)
+        per = max(1, math.prod(out.shape[1:]))
+        step = max(1, _BLOCK // per)
+        finite = True
+        with np.errstate(over="ignore", invalid="ignore"):
+            for i in range(r0, r1, step):
+                j = min(i + step, r1)
+                o = out[i:j]
+                if scale is None:
+                    np.copyto(o, w[i:j], casting="unsafe")
+                else:
+                    np.multiply(w[i:j], scale[i:j].reshape((-1,) + (1,) * (w.ndim - 1)), out=o, casting="unsafe")
+                finite = _finite(o) and finite
+        return finite
+
+
+def _finite(a: np.ndarray) -> bool:
+    """Every value of ``a`` is finite.  Below float64, one float64 sum (a NaN or an infinity survives it, and
+    a block of finite float16/32 values cannot overflow it); in float64, its max and min."""
+    if not a.size:
+        return True
+    if a.dtype == np.float64:
+        return bool(np.isfinite(a.max()) and np.isfinite(a.min()))  # NaN propagates through both
+    return bool(np.isfinite(np.add.reduce(a, axis=None, dtype=np.float64)))
 
 
 def _add_rows(block: np.ndarray, p: Part, where: tuple, groups: int, r0: int, r1: int) -> None:
