@@ -73,27 +73,38 @@ class KernelSum:
         """
         return self._evaluate(dtype, out)[0]
 
+    def evaluate_rows(self, r0: int, r1: int) -> np.ndarray:
+        """Output channels ``r0:r1`` of the kernel in float64, the rest not computed (a cheap first look)."""
+        shape = self.geometry.weight.shape
+        dest = np.empty((r1 - r0,) + shape[1:])
+        self._blocks(zeros_placeholder(shape)).rows(r0, r1, dest)
+        return dest
+
     def _evaluate(self, dtype, out: np.ndarray | None, threads: int = 1) -> tuple[np.ndarray, bool]:
         """The kernel and whether every value of it is finite (checked block by block, while in cache)."""
-        g = self.geometry
-        shape = g.weight.shape
+        shape = self.geometry.weight.shape
         if out is not None and (out.shape != shape or out.dtype != np.dtype(dtype)):
             raise ValueError(f"out has shape {out.shape} and dtype {out.dtype}, expected {shape} and {dtype}")
         if out is None or not out.flags.c_contiguous:
             target = np.empty(shape, dtype)
         else:
             target = out
+        finite = self._blocks(target).run(threads)
+        if target is not out and out is not None:
+            out[...] = target
+            target = out
+        return target, finite
+
+    def _blocks(self, target: np.ndarray) -> _Blocks:
+        """The parts placed in the kernel's window, to be computed into ``target``."""
+        g = self.geometry
         start = tuple(-b for b, _ in g.padding)
         placed = [(p, _window_slices(p.conv, start, g.dilation, g.kernel_size)[0]) for p in self.parts]
         full = (slice(None), slice(None), *(slice(0, k, 1) for k in g.kernel_size))
         main = next((k for k, (p, where) in enumerate(placed)
                      if where == full and p.conv.groups == g.groups), None)
         rest = placed if main is None else placed[:main] + placed[main + 1:]
-        finite = _Blocks(target, None if main is None else placed[main][0], rest, g.groups).run(threads)
-        if target is not out and out is not None:
-            out[...] = target
-            target = out
-        return target, finite
+        return _Blocks(target, None if main is None else placed[main][0], rest, g.groups)
 
     def to_conv(self, dtype=np.float64, bias: np.ndarray | None = None, what: str = "fused weight",
                 out: np.ndarray | None = None, threads: int = 1) -> Conv:
@@ -147,11 +158,12 @@ class _Blocks:
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="reparam-kernel") as pool:
             return all(list(pool.map(self.rows, cuts[:-1], cuts[1:])))
 
-    def rows(self, r0: int, r1: int) -> bool:
-        """Compute output channels ``r0:r1``; True if they are all finite."""
+    def rows(self, r0: int, r1: int, dest: np.ndarray | None = None) -> bool:
+        """Compute output channels ``r0:r1`` (into ``dest``, holding just those rows, if given); True if they
+        are all finite."""
         out, main = self.out, self.main
         if main is not None and not self.rest and main.conv.groups == self.groups:
-            return self._scaled_rows(r0, r1)
+            return self._scaled_rows(r0, r1, dest)
         per = math.prod(out.shape[1:])
         step = max(1, min(r1 - r0, max(8, _BLOCK // max(per, 1))))
         buf = np.empty((step,) + out.shape[1:])
@@ -177,12 +189,12 @@ class _Blocks:
                     _add_rows(target, p, where, self.groups, i, j)
                 if self.box is not None:
                     b[at] += target
-                o = out[i:j]
+                o = out[i:j] if dest is None else dest[i - r0:j - r0]
                 np.copyto(o, b, casting="unsafe")
                 finite = _finite(o) and finite
         return finite
 
-    def _scaled_rows(self, r0: int, r1: int) -> bool:
+    def _scaled_rows(self, r0: int, r1: int, dest: np.ndarray | None) -> bool:
         """Rows ``r0:r1`` of a kernel that is one scaled part (a conv and its BN): numpy multiplies in float64
         (the scale's type) and rounds each product once into ``out``, in its own cache-sized chunks, so no
         float64 buffer is needed: the same values as the general path, with one pass over memory."""
@@ -194,7 +206,7 @@ class _Blocks:
         with np.errstate(over="ignore", invalid="ignore"):
             for i in range(r0, r1, step):
                 j = min(i + step, r1)
-                o = out[i:j]
+                o = out[i:j] if dest is None else dest[i - r0:j - r0]
                 if scale is None:
                     np.copyto(o, w[i:j], casting="unsafe")
                 else:

@@ -134,7 +134,8 @@ def _fuse_children(module: nn.Module, prefix: str, opts: Options, out: Build) ->
         # a child the untraced code reaches into (iterates, indexes, reads a submodule of) is fused inside,
         # never replaced: YOLO's parents loop over `self.model`, which a GraphModule cannot take
         inside = reads_inside(module, name, child)
-        ws = None if path + TRACE in opts.skip or inside else _try_trace(child, path, out.report, opts.traces)
+        alone = _single_op(child) and not opts.allow_costlier  # traced on its own, nothing would change
+        ws = None if path + TRACE in opts.skip or inside or alone else _try_trace(child, path, out.report, opts.traces)
         if ws is None:
             if any(True for _ in child.children()):
                 _fuse_children(child, path + ".", opts, out)
@@ -148,6 +149,15 @@ def _fuse_children(module: nn.Module, prefix: str, opts: Options, out: Build) ->
             setattr(module, name, keep_face(child, fused))
             out.replaced.append(path)
     return module
+
+
+def _single_op(m: nn.Module) -> bool:
+    """``m`` is one standard torch.nn layer (no submodules, no hooks, its torch class's own forward): its
+    graph alone is a single op, which only ``allow_costlier`` could rewrite (a lone BN as a conv)."""
+    if m._modules or m._forward_hooks or m._forward_pre_hooks or m.training:
+        return False
+    std = next(c for c in type(m).__mro__ if c.__module__.startswith("torch.nn"))
+    return std is not nn.Module and type(m).forward is std.forward
 
 
 def _fuse_traced(ws: Workspace, prefix: str, opts: Options, out: Build, copy_originals: bool
@@ -216,7 +226,8 @@ def _fuse_opaque_leaves(ws: Workspace, prefix: str, opts: Options, out: Build, r
     done = 0
     for path in ws.opaque:
         m = ws.get_submodule(path)
-        if path in ws.added or not any(True for _ in m.children()) or prefix + path + MODULE in opts.skip:
+        if path in ws.added or prefix + path + MODULE in opts.skip or (not opts.allow_costlier and all(
+                _single_op(c) for c in m.children())):  # nothing inside can change: copy nothing
             continue
         copy_ = m if opts.trace_only else safe_deepcopy(m)  # (finding levels changes nothing)
         before = len(out.replaced)

@@ -1,23 +1,24 @@
 """One set of fx's tracing patches for all the traces of a fusion.
 
-``fx.Tracer.trace`` patches ``nn.Module.__getattr__`` and ``__call__``, every function registered with
-``torch.fx.wrap`` and the functions of ``math`` on entry, and reverts them on exit.  Writing a dunder
-attribute of ``nn.Module`` makes CPython update the slot of every subclass, and with timm or ultralytics
-loaded there are thousands: the four writes and the wrappers cost 3-4 ms a trace.  A fusion traces each child of
-an untraceable parent on its own (a YOLO model: about 60 traces), so that was a third of its time.
+``fx.Tracer.trace`` patches ``nn.Module.__getattr__`` and ``__call__`` on entry and reverts them on exit.
+Writing a dunder attribute of ``nn.Module`` makes CPython update the slot of every subclass, and with timm
+or ultralytics loaded there are thousands: the four writes cost about 2 ms a trace.  A fusion traces each
+child of an untraceable parent on its own (a YOLO model: about 60 traces), so that was a fifth of its time.
 
-:func:`tracing_session` applies the same patches once.  Its module wrappers hand each call to the
+:func:`tracing_session` patches the two methods once.  Its wrappers hand each call to the
 :class:`~reparam.fx.tracing.ReparamTracer` tracing in this thread (see :func:`tracing`), or to the original
 when none is, and they carry fx's "already patched" mark, so each ``trace`` inside the session leaves them
-as they are.  When this torch's fx lacks a private name used here, the session does nothing and every trace
-patches for itself, as before.
+as they are.  The functions fx wraps (``math``'s, those registered with ``torch.fx.wrap``) are still patched
+by each trace for its own duration (patched for a whole build, every ``math.prod`` of the planner would
+search its arguments for proxies), but with one wrapper per function, made once; fx's spelling of node
+names from their targets is cached.  When this torch's fx lacks a private name used here, the session does
+nothing and every trace patches for itself, as before.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -25,7 +26,8 @@ from typing import Any
 from torch import fx, nn
 
 _fx = fx._symbolic_trace
-_NEEDED = ("_Patcher", "_patch_wrapped_functions", "_autowrap_check", "CURRENT_PATCHER")
+_graph = fx.graph
+_NEEDED = ("_Patcher", "_autowrap_check", "_create_wrapped_func", "CURRENT_PATCHER")
 _MARK = "__fx_already_patched"
 _state = threading.local()  # .tracer: the ReparamTracer tracing in this thread; .active: a session is open
 
@@ -33,12 +35,6 @@ _state = threading.local()  # .tracer: the ReparamTracer tracing in this thread;
 def fx_tracing() -> bool:
     """An fx trace is under way (its patcher is current)."""
     return getattr(_fx, "CURRENT_PATCHER", None) is not None
-
-
-def autowrap_ids() -> set[int] | None:
-    """In a session, the ids of ``math``'s own functions (a tracer made now would take the session's
-    wrappers for them, and wrap them again on every trace)."""
-    return getattr(_state, "ids", None) if getattr(_state, "active", False) else None
 
 
 def current_tracer() -> Any:
@@ -85,16 +81,23 @@ def tracing_session() -> Iterator[None]:
             return call(mod, *a, **k)
         return tracer.call_module(mod, forward, args, kwargs)
 
+    wrap, wrappers = _fx._create_wrapped_func, {}
+
+    def wrapped_once(fn: Any) -> Any:  # the same wrapper each trace, not a new functools.wraps copy
+        if fn not in wrappers:
+            wrappers[fn] = wrap(fn)
+        return wrappers[fn]
+
     with _fx._Patcher() as patcher:
         patcher.patch_method(nn.Module, "__getattr__", module_getattr)
         patcher.patch_method(nn.Module, "__call__", module_call)
-        _fx._patch_wrapped_functions(patcher)
-        ids = fx.Tracer()._autowrap_function_ids
-        _fx._autowrap_check(patcher, math.__dict__, ids)
         for p in patcher.patches_made:  # the mark fx looks for (its own sets a name-mangled one, never found)
             setattr(p.new_fn, _MARK, True)
-        _state.active, _state.ids = True, ids
+        patcher.patch(vars(_fx), "_create_wrapped_func", wrapped_once)
+        if callable(getattr(_graph, "_snake_case", None)):  # a node's name from its target: a regex each node
+            patcher.patch(vars(_graph), "_snake_case", functools.lru_cache(maxsize=None)(_graph._snake_case))
+        _state.active = True
         try:
             yield
         finally:
-            _state.active, _state.ids = False, None
+            _state.active = False

@@ -22,7 +22,7 @@ from torch import fx, nn
 
 from .. import core
 from ..core.errors import NotFusable
-from ..torch_ops import _BNS, _CONVS, to_core, to_numpy
+from ..torch_ops import _BNS, _CONVS, read_only, to_core, to_numpy
 from .facts import data_users, fold_constants, infer_ranks, meta_shape, metadata_kind, metadata_users
 from .workspace import Workspace
 
@@ -212,12 +212,14 @@ def _shaped_per_channel(c: np.ndarray) -> bool:
     return any(_per_channel(c, nd, nd + 2) is not None for nd in (c.ndim - 1, c.ndim - 2) if nd >= 1)
 
 
-def _param(arg: Any, what: str) -> np.ndarray | None:
+def _param(arg: Any, what: str, view: bool = False) -> np.ndarray | None:
+    """The stored tensor ``arg`` as float64 numpy, or with ``view`` (a kernel: the core only reads it) as a
+    read-only view where numpy has its dtype, not a float64 copy of a large weight."""
     if arg is None:
         return None
     t = arg.meta.get("constant") if isinstance(arg, fx.Node) else None
     if isinstance(t, torch.Tensor):
-        return to_numpy(t)
+        return read_only(t) if view else to_numpy(t)
     raise NotFusable(f"{what} is computed at run time, not a stored tensor")
 
 
@@ -347,7 +349,7 @@ def _opt(node, i, name, default):
 
 
 def _conv_function(node, nd):
-    w = _param(_opt(node, 1, "weight", None), "conv weight")
+    w = _param(_opt(node, 1, "weight", None), "conv weight", view=True)
     b = _param(_opt(node, 2, "bias", None), "conv bias")
     stride, padding = _opt(node, 3, "stride", 1), _opt(node, 4, "padding", 0)
     dilation, groups = _opt(node, 5, "dilation", 1), _opt(node, 6, "groups", 1)
@@ -368,7 +370,7 @@ def _linear_function(node, ctx: _Ctx):
     """``F.linear(x, w, b)`` on stored tensors: a 0-d conv, on a 2-D input only (like the module)."""
     if ctx.ranks.get(node.args[0]) != 2:
         return None, None
-    w = _param(_opt(node, 1, "weight", None), "linear weight")
+    w = _param(_opt(node, 1, "weight", None), "linear weight", view=True)
     b = _param(_opt(node, 2, "bias", None), "linear bias")
     return core.Conv(w, b), [node.args[0]]
 
