@@ -20,10 +20,10 @@ import numpy as np
 
 from .conv_algebra import _add_regrouped, _window_slices, sum_geometry, zeros_placeholder
 from .errors import NotFusable
-from .precision import cast_array, f64
+from .precision import NATIVE_FLOATS, cast_array, f64
 from .types import Conv
 
-_NATIVE = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+_NATIVE = NATIVE_FLOATS
 
 
 def placeholder(conv: Conv) -> Conv:

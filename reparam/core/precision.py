@@ -29,16 +29,29 @@ def conv64(conv: Conv) -> Conv:
 
 def cast_array(a: np.ndarray, dtype, what: str) -> np.ndarray:
     """Cast a float64 result to ``dtype``; a non-finite value, before or after the cast, is refused."""
-    if not np.all(np.isfinite(a)):
+    if not all_finite(a):
         raise NotFusable(f"{what} has non-finite values after folding (overflow or NaN in the inputs)")
     if np.dtype(dtype).kind in "iub":
         raise NotFusable(f"{what} cannot be stored in the input's {np.dtype(dtype).name} dtype without rounding; "
                          "give the weights a floating-point dtype")
     with np.errstate(over="ignore"):  # an overflow is reported below as a refusal, not a warning
         out = a.astype(dtype)
-    if not np.all(np.isfinite(f64(out))):
+    if not all_finite(out):
         raise NotFusable(f"{what} overflows {np.dtype(dtype).name} (max |value| {np.abs(a).max():.3g})")
     return out
+
+
+NATIVE_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def all_finite(a: np.ndarray) -> bool:
+    """No NaN or infinity in ``a``: its max and min (a NaN propagates through both), without the boolean
+    array of ``np.isfinite`` or, for numpy's own float types, a float64 copy."""
+    if not a.size:
+        return True
+    if a.dtype not in NATIVE_FLOATS:
+        a = f64(a)
+    return bool(np.isfinite(a.max()) and np.isfinite(a.min()))
 
 
 def cast_conv(conv: Conv, dtype) -> Conv:

@@ -35,6 +35,7 @@ from ..torch_ops import (
     bn_from_module,
     conv_from_module,
     plain_forward,
+    read_only,
     to_module,
     to_numpy,
     to_tensor,
@@ -257,7 +258,7 @@ def _folded_custom(m: nn.Module, bn: core.BatchNorm) -> nn.Module:
     why = probe_conv(m)
     if why is not None:
         raise NotFusable(f"its forward is not a plain conv, and it cannot be shown to be one: {why}")
-    folded = core.fold_bn(core.Conv(to_numpy(m.weight), to_numpy(m.bias), groups=m.groups), bn)
+    folded = core.fold_bn(core.Conv(read_only(m.weight), to_numpy(m.bias), groups=m.groups), bn)
     new = safe_deepcopy(m)
     new.weight = nn.Parameter(to_tensor(folded.weight, m.weight).contiguous(memory_format=_layout(m.weight)))
     new.bias = nn.Parameter(to_tensor(folded.bias, m.weight, what="fused bias"))
