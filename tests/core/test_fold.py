@@ -141,3 +141,27 @@ def test_identity_conv_dense_is_block_diagonal_eye():
     assert np.array_equal(w[:, :, 1, 1], np.eye(4)) and np.count_nonzero(w) == 4
     w = identity_conv(4, 1, 1, groups=2, dtype=np.float64).weight
     assert np.array_equal(w[:, :, 0], [[1, 0], [0, 1], [1, 0], [0, 1]])
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_fold_bn_is_the_float64_product_rounded_once(dtype):
+    """The BN fold multiplies in float64 straight into the kernel's dtype: the same bits as computing the
+    whole kernel in float64 and casting it."""
+    rng = np.random.default_rng(3)
+    conv = Conv(rng.standard_normal((6, 4, 3, 3)).astype(dtype), rng.standard_normal(6).astype(dtype), padding=1)
+    bn = BatchNorm(rng.standard_normal(6), rng.random(6) + 0.1, rng.standard_normal(6), rng.standard_normal(6), 1e-5)
+    aff = bn.to_affine()
+    s, t = aff.scale_for(6), aff.shift_for(6)
+    fused = fold_bn(conv, bn)
+    want_w = (conv.weight.astype(np.float64) * s[:, None, None, None]).astype(dtype)
+    want_b = (conv.bias.astype(np.float64) * s + t).astype(dtype)
+    np.testing.assert_array_equal(fused.weight, want_w)
+    np.testing.assert_array_equal(fused.bias, want_b)
+    assert fused.weight.dtype == fused.bias.dtype == dtype
+
+
+def test_fold_bn_overflow_is_refused_with_the_reason():
+    conv = Conv(np.full((2, 1, 1, 1), 100.0, np.float16), None)
+    bn = BatchNorm(np.zeros(2), np.ones(2), np.array([1.0, 1e4]), np.zeros(2), 0.0)
+    with pytest.raises(NotFusable, match="overflows float16"):
+        fold_bn(conv, bn)

@@ -115,3 +115,28 @@ def test_threads_compute_the_same_kernel(data, threads):
         mp.setattr(kernel_sum, "_THREADED", 1)  # split even these small kernels
         many = kernel.to_conv(np.float32, threads=threads)
     np.testing.assert_array_equal(many.weight, one.weight)
+
+
+@FAST
+@given(data=st.data())
+def test_first_rows_equal_the_whole_kernel_rows(data):
+    """``evaluate_rows`` (the identity test's cheap first look) computes exactly those rows of the kernel."""
+    convs = data.draw(aligned_branches(data.draw(st.sampled_from(NATIVE), label="weights")), label="convs")
+    kernel, _ = _deferred(data, convs)
+    n = kernel.geometry.out_channels
+    r0 = data.draw(st.integers(0, n - 1), label="r0")
+    r1 = data.draw(st.integers(r0 + 1, n), label="r1")
+    np.testing.assert_array_equal(kernel.evaluate_rows(r0, r1), kernel.evaluate()[r0:r1])
+
+
+def test_identity_needs_every_row_not_only_the_first():
+    from reparam.core.regions import Term, _is_identity
+
+    eye = np.eye(5).reshape(5, 5, 1, 1)
+    assert _is_identity(Term("x", Conv(eye.copy())))
+    late = eye.copy()
+    late[4, 0, 0, 0] = 1e-9  # the first row is e0, a later one is not
+    assert not _is_identity(Term("x", Conv(late)))
+    scaled = KernelSum.of(Conv(eye.copy())).scaled(np.array([1.0, 1.0, 1.0, 1.0, 2.0]))
+    assert not _is_identity(Term("x", scaled))
+    assert _is_identity(Term("x", KernelSum.of(Conv(eye * 2)).scaled(np.full(5, 0.5))))

@@ -1,0 +1,144 @@
+"""What makes fusion cheaper must not change what it does: one set of tracing patches per build, Proxy
+iteration decoded once per code object, single-op children left untraced (issue 10, fuse time)."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx._symbolic_trace as fx_internals
+import torch.nn.functional as F
+from fx_helpers import C, RepVGG, conv_bn, fuse_checked, ops, x_of
+from torch import fx, nn
+
+from reparam.fx.patching import tracing_session
+from reparam.fx.tracing import trace
+
+
+def _patched_names() -> tuple:
+    """What fx's tracing patches replace, as objects (compared before and after)."""
+    return (nn.Module.__call__, nn.Module.__getattr__, fx_internals._create_wrapped_func,
+            fx.graph._snake_case)
+
+
+class Split(nn.Module):
+    """``a, b = y.chunk(2, 1)`` (fx unpacks it) next to a loop over a proxy (fx cannot: opaque)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn(C, 2 * C, 3)
+        self.left, self.right = conv_bn(C, C, 1), conv_bn(C, C, 3)
+        self.loop = LoopOverChunks()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.stem(x).chunk(2, 1)
+        return self.loop(torch.cat([self.left(a), self.right(b)], 1))
+
+
+class LoopOverChunks(nn.Module):
+    """Iterates a proxy (YOLO's C2f: ``list(y.chunk(2, 1))``): untraceable, called whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cv = conv_bn(2 * C, 2 * C, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = list(self.cv(x).chunk(2, 1))
+        return torch.cat(parts, 1)
+
+
+def _signature(gm_graph: fx.Graph) -> list[tuple]:
+    return [(n.op, str(n.target), n.name, tuple(str(a) for a in n.args)) for n in gm_graph.nodes]
+
+
+def test_session_traces_the_same_graph_and_restores_fx() -> None:
+    model = Split().eval()
+    before = _patched_names()
+    plain = trace(model)  # fx's own per-trace patching
+    with tracing_session():
+        assert nn.Module.__call__ is not before[0]
+        inside = [trace(model) for _ in range(2)]  # the second reuses the session's wrappers
+        y = model(x_of(2, C, 8, 8))  # a module called outside tracing runs as usual
+    assert _patched_names() == before
+    for ws in inside:
+        assert _signature(ws.graph) == _signature(plain.graph)
+        assert ws.opaque.keys() == plain.opaque.keys() == {"loop"}
+    torch.testing.assert_close(y, model(x_of(2, C, 8, 8)))
+
+
+def test_session_restores_fx_after_an_error() -> None:
+    before = _patched_names()
+    try:
+        with tracing_session():
+            raise RuntimeError("inside")
+    except RuntimeError:
+        pass
+    assert _patched_names() == before
+
+
+def test_session_inside_a_session_is_a_no_op() -> None:
+    with tracing_session():
+        outer = nn.Module.__call__
+        with tracing_session():
+            assert nn.Module.__call__ is outer
+        assert nn.Module.__call__ is outer
+
+
+def test_fusion_through_unpacking_and_an_opaque_loop() -> None:
+    model, x = Split(), x_of(2, C, 8, 8)
+    before = _patched_names()
+    fused, rep = fuse_checked(model, x, example=False)
+    assert _patched_names() == before
+    assert ops(fused, x)["batch_norm"] == 0  # the opaque loop's own conv+BN folds too, inside it
+    assert "loop" in dict(rep.skipped) or any(w.startswith("loop") for w, _ in rep.skipped)
+
+
+class LoneLayers(nn.Module):
+    """An untraceable parent whose children are single standard layers: none of them changes alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(C, C, 3, padding=1), nn.BatchNorm2d(C), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if y.sum() > 0:  # data-dependent: the parent cannot be traced
+            y = -y
+        return self.act(self.bn(y))
+
+
+def test_single_op_children_are_kept_with_the_untraced_reason() -> None:
+    model, x = LoneLayers(), x_of(2, C, 6, 6)
+    fused, rep = fuse_checked(model, x, example=False)
+    assert ops(fused, x) == ops(model, x)
+    assert [b.where for b in rep.bn_left] == ["bn"]
+    assert "LoneLayers's own code" in rep.bn_left[0].reason
+    fused.conv.weight.data.zero_()  # a copy: the input is untouched
+    assert model.conv.weight.abs().sum() > 0
+
+
+def test_single_op_children_with_allow_costlier_still_traced() -> None:
+    model, x = LoneLayers(), x_of(2, C, 6, 6)
+    fused, rep = fuse_checked(model, x, example=False, allow_costlier=True)
+    assert ops(fused, x)["batch_norm"] == len(rep.bn_left) == 1  # a BN alone is no region worth rewriting
+    assert "LoneLayers's own code" in rep.bn_left[0].reason  # traced alone, it is explained the same way
+
+
+class OpaqueHead(nn.Module):
+    """timm's ConvMlp shape: an untraceable module holding only single layers, before a fusable stem."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Conv2d(C, 8, 1), nn.ReLU(), nn.Conv2d(8, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] > 1 and x.sum() > 0:
+            x = F.adaptive_avg_pool2d(x, 1)
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def test_opaque_module_of_single_layers_is_copied_once() -> None:
+    model, x = nn.Sequential(RepVGG(), OpaqueHead()), x_of(2, C, 6, 6)
+    fused, _ = fuse_checked(model, x, example=False)
+    assert ops(fused, x)["batch_norm"] == 0
+    head = fused.get_submodule("1")
+    assert isinstance(head, OpaqueHead) and head is not model[1]
+    assert head.fc1.weight.data_ptr() != model[1].fc1.weight.data_ptr()
