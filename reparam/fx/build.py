@@ -121,8 +121,11 @@ def _try_trace(module: nn.Module, path: str, rep: FuseReport, cache: dict | None
     return found
 
 
-def _fuse_children(module: nn.Module, prefix: str, opts: Options, out: Build) -> nn.Module:
-    """Fuse each child of an untraceable module (in place, on an already-copied tree)."""
+def _fuse_children(module: nn.Module, prefix: str, opts: Options, out: Build, why: str | None = None
+                   ) -> nn.Module:
+    """Fuse each child of an untraceable module (in place, on an already-copied tree); ``why`` says why the
+    children of ``module`` are fused one by one when it is not that its forward cannot be traced."""
+    why = why or f"it is called by {type(module).__name__}'s own code, which fx cannot trace"
     for name, child in list(module.named_children()):
         path = f"{prefix}{name}"
         if path + MODULE in opts.skip:
@@ -138,11 +141,12 @@ def _fuse_children(module: nn.Module, prefix: str, opts: Options, out: Build) ->
         ws = None if path + TRACE in opts.skip or inside or alone else _try_trace(child, path, out.report, opts.traces)
         if ws is None:
             if any(True for _ in child.children()):
-                _fuse_children(child, path + ".", opts, out)
+                _fuse_children(child, path + ".", opts, out, None if not inside else (
+                    f"{type(module).__name__}'s code reaches inside {path} ({type(child).__name__}), which is "
+                    "therefore kept as it is and its children fused one by one"))
             elif isinstance(child, _BNS) and not opts.trace_only:
                 out.report.leftovers.append(Leftover(
-                    path, type(child).__name__, f"it is called by {type(module).__name__}'s own code, which fx cannot "
-                    "trace, so no conv is next to it in a traced graph", "untraced"))
+                    path, type(child).__name__, f"{why}, so no conv is next to it in a traced graph", "untraced"))
             continue
         fused = _fuse_traced(ws, path + ".", opts, out, copy_originals=False)
         if fused is not None:

@@ -142,3 +142,28 @@ def test_opaque_module_of_single_layers_is_copied_once() -> None:
     head = fused.get_submodule("1")
     assert isinstance(head, OpaqueHead) and head is not model[1]
     assert head.fc1.weight.data_ptr() != model[1].fc1.weight.data_ptr()
+
+
+class PassesChildren(nn.Module):
+    """yolov9's ELAN1 shape: untraceable code that hands its children on in a list (it may reach inside them,
+    so they are kept as modules and their own children fused one by one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cv2, self.cv3 = conv_bn(C, C, 3), conv_bn(C, C, 1, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = [x]
+        for m in [self.cv2, self.cv3]:
+            y.append(m(y[-1]))
+        if y[-1].sum() > 0:
+            return y[-1]
+        return -y[-1]
+
+
+def test_children_kept_because_the_parent_reaches_inside_say_so() -> None:
+    model, x = PassesChildren(), x_of(2, C, 6, 6)
+    fused, rep = fuse_checked(model, x, example=False)
+    assert ops(fused, x) == ops(model, x) and len(rep.bn_left) == 2
+    for left in rep.bn_left:
+        assert "PassesChildren's code reaches inside" in left.reason and left.reason.endswith("traced graph")
