@@ -12,7 +12,9 @@ as they are.  The functions fx wraps (``math``'s, those registered with ``torch.
 by each trace for its own duration (patched for a whole build, every ``math.prod`` of the planner would
 search its arguments for proxies), but with one wrapper per function, made once; fx's spelling of node
 names from their targets is cached.  When this torch's fx lacks a private name used here, the session does
-nothing and every trace patches for itself, as before.
+nothing and every trace patches for itself, as before.  While a session is open, an fx trace started by
+other code (in another thread) would find the two methods already patched and not record module calls; fx's
+patches are process-wide, so concurrent fx traces interfere without reparam too.
 """
 
 from __future__ import annotations
