@@ -230,8 +230,8 @@ def _fuse_opaque_leaves(ws: Workspace, prefix: str, opts: Options, out: Build, r
     done = 0
     for path in ws.opaque:
         m = ws.get_submodule(path)
-        if path in ws.added or prefix + path + MODULE in opts.skip or (not opts.allow_costlier and all(
-                _single_op(c) for c in m.children())):  # nothing inside can change: copy nothing
+        if path in ws.added or not any(True for _ in m.children()) or prefix + path + MODULE in opts.skip or (
+                not opts.allow_costlier and all(_single_op(c) for c in m.children())):  # nothing can change inside
             continue
         copy_ = m if opts.trace_only else safe_deepcopy(m)  # (finding levels changes nothing)
         before = len(out.replaced)
