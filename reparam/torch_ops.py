@@ -83,11 +83,14 @@ def is_exported_module(module: nn.Module) -> bool:
     return unlifted is not None and isinstance(module, unlifted)
 
 
+def torch_base(module: nn.Module) -> type:
+    """The torch.nn class ``module``'s class derives from (``nn.Module`` itself for a model's own module)."""
+    return next(c for c in type(module).__mro__ if c.__module__.startswith("torch.nn"))
+
+
 def plain_forward(module: nn.Module) -> bool:
     """``module`` runs the forward of the torch.nn class it derives from (a subclass did not override it)."""
-    cls = type(module)
-    std = next(c for c in cls.__mro__ if c.__module__.startswith("torch.nn"))
-    return cls.forward is std.forward
+    return type(module).forward is torch_base(module).forward
 
 
 def _standard(module: nn.Module, bases: tuple[type, ...]) -> None:

@@ -20,10 +20,8 @@ import numpy as np
 
 from .conv_algebra import _add_regrouped, _window_slices, sum_geometry, zeros_placeholder
 from .errors import NotFusable
-from .precision import NATIVE_FLOATS, cast_array, f64
+from .precision import NATIVE_FLOATS, all_finite, cast_array, f64
 from .types import Conv
-
-_NATIVE = NATIVE_FLOATS
 
 
 def placeholder(conv: Conv) -> Conv:
@@ -50,7 +48,7 @@ class KernelSum:
     @classmethod
     def of(cls, conv: Conv, *, unit: bool = False) -> KernelSum:
         """One part holding ``conv``'s kernel (its bias is dropped: values carry biases separately)."""
-        if conv.weight.dtype not in _NATIVE:  # e.g. bfloat16: numpy ufuncs cannot mix it with float64
+        if conv.weight.dtype not in NATIVE_FLOATS:  # e.g. bfloat16: numpy ufuncs cannot mix it with float64
             conv = conv.with_(weight=f64(conv.weight))
         conv = conv._evolve(bias=None) if conv.bias is not None else conv
         return cls(placeholder(conv), (Part(conv, unit=unit),))
@@ -112,7 +110,7 @@ class KernelSum:
         a non-finite result is refused.  ``threads``: split a large kernel's output channels among that
         many threads (numpy releases the GIL while it computes, and first writes to fresh memory, page
         faults, are handled in parallel too)."""
-        if np.dtype(dtype) not in _NATIVE:  # bfloat16 and friends: round once from float64
+        if np.dtype(dtype) not in NATIVE_FLOATS:  # bfloat16 and friends: round once from float64
             w = cast_array(self.evaluate(), dtype, what)
             b = None if bias is None else cast_array(f64(bias), dtype, "fused bias")
             return self.geometry.with_(weight=w, bias=b)
@@ -191,7 +189,7 @@ class _Blocks:
                     b[at] += target
                 o = out[i:j] if dest is None else dest[i - r0:j - r0]
                 np.copyto(o, b, casting="unsafe")
-                finite = _finite(o) and finite
+                finite = all_finite(o) and finite
         return finite
 
     def _scaled_rows(self, r0: int, r1: int, dest: np.ndarray | None) -> bool:
@@ -211,14 +209,8 @@ class _Blocks:
                     np.copyto(o, w[i:j], casting="unsafe")
                 else:
                     np.multiply(w[i:j], scale[i:j].reshape((-1,) + (1,) * (w.ndim - 1)), out=o, casting="unsafe")
-                finite = _finite(o) and finite
+                finite = all_finite(o) and finite
         return finite
-
-
-def _finite(a: np.ndarray) -> bool:
-    """Every value of ``a`` is finite (a NaN propagates through both max and min: two fast reductions, no
-    cast)."""
-    return not a.size or bool(np.isfinite(a.max()) and np.isfinite(a.min()))
 
 
 def _add_rows(block: np.ndarray, p: Part, where: tuple, groups: int, r0: int, r1: int) -> None:

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import conv_algebra as _alg
-from .precision import NATIVE_FLOATS, all_finite, cast_array, cast_conv, conv64, f64
+from .kernel_sum import KernelSum
+from .precision import cast_array, cast_conv, conv64, f64
 from .types import Affine, AvgPool, BatchNorm, Conv, ConvTranspose, Pad
 
 
@@ -27,16 +28,12 @@ def fold_bn(conv: Conv, bn: BatchNorm | Affine) -> Conv:
     if isinstance(bn, BatchNorm) and bn.channels != conv.out_channels:
         raise _alg.NotFusable(f"batch norm has {bn.channels} channels, the conv outputs {conv.out_channels}")
     aff = _affine_of(bn)
-    if conv.weight.dtype in NATIVE_FLOATS:  # numpy multiplies in float64 and rounds once into the kernel's
-        n = conv.out_channels  # dtype: the values of the float64 path, without a float64 copy of the kernel
-        s = aff.scale_for(n)
-        w = np.empty(conv.weight.shape, conv.weight.dtype)
-        with np.errstate(over="ignore", invalid="ignore"):
-            np.multiply(conv.weight, s.reshape((n,) + (1,) * (w.ndim - 1)), out=w, casting="unsafe")
-        if all_finite(w):
-            bias = (np.zeros(n) if conv.bias is None else f64(conv.bias)) * s + aff.shift_for(n)
-            return conv.with_(weight=w, bias=cast_array(bias, conv.dtype, "fused bias"))
-    return cast_conv(_alg.fold_affine(conv64(conv), aff), conv.dtype)  # (a non-finite result: refused here)
+    n = conv.out_channels
+    s = aff.scale_for(n)
+    bias = (np.zeros(n) if conv.bias is None else f64(conv.bias)) * s + aff.shift_for(n)
+    # the deferred kernel multiplies in float64 straight into the conv's dtype (each value rounded once, no
+    # float64 copy of the kernel) and refuses a non-finite result with the reason
+    return KernelSum.of(conv).scaled(s).to_conv(conv.dtype, bias)
 
 
 def fold_bn_input(bn: BatchNorm | Affine, conv: Conv) -> Conv:

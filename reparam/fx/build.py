@@ -16,7 +16,7 @@ from torch import fx, nn
 
 from .. import core
 from ..core.report import Leftover
-from ..torch_ops import _BNS
+from ..torch_ops import _BNS, plain_forward, torch_base
 from .aten import is_aten, normalize
 from .counting import graph_counts, static_counts
 from .facts import fold_constants, infer_ranks
@@ -160,8 +160,7 @@ def _single_op(m: nn.Module) -> bool:
     graph alone is a single op, which only ``allow_costlier`` could rewrite (a lone BN as a conv)."""
     if m._modules or m._forward_hooks or m._forward_pre_hooks or m.training:
         return False
-    std = next(c for c in type(m).__mro__ if c.__module__.startswith("torch.nn"))
-    return std is not nn.Module and type(m).forward is std.forward
+    return torch_base(m) is not nn.Module and plain_forward(m)
 
 
 def _fuse_traced(ws: Workspace, prefix: str, opts: Options, out: Build, copy_originals: bool
