@@ -93,6 +93,13 @@ def plain_forward(module: nn.Module) -> bool:
     return type(module).forward is torch_base(module).forward
 
 
+def is_no_op(module: nn.Module) -> bool:
+    """``module`` returns its input itself: a plain ``nn.Identity``, or a dropout module in eval mode, without
+    hooks."""
+    return (isinstance(module, _IDENTITIES) and not (module.training and not isinstance(module, nn.Identity))
+            and not module._forward_hooks and not module._forward_pre_hooks and plain_forward(module))
+
+
 def _standard(module: nn.Module, bases: tuple[type, ...]) -> None:
     base = next(b for b in bases if isinstance(module, b))
     cls = type(module)

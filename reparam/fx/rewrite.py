@@ -13,7 +13,7 @@ from torch import fx, nn
 from .. import core
 from ..core.errors import NotFusable
 from ..core.report import Leftover
-from ..torch_ops import _IDENTITIES, PaddedConv, numpy_dtype, plain_forward, to_module
+from ..torch_ops import PaddedConv, is_no_op, numpy_dtype, to_module
 from .facts import constant_frontier, metadata_users
 from .report import FuseReport, RegionReport
 from .workspace import Workspace
@@ -353,15 +353,16 @@ def store_constants(gm: Workspace, report: FuseReport, rw: Rewrite, prefix: str 
 
 
 def drop_identities(gm: Workspace, report: FuseReport, prefix: str = "") -> int:
-    """Remove eval-mode no-ops (nn.Identity, dropout modules and ``F.dropout(training=False)``)."""
-    done = 0
+    """Remove eval-mode no-ops (nn.Identity, dropout modules and ``F.dropout(training=False)``); those modules
+    tracing already left out (``gm.elided``) are reported here too."""
+    report.removed.extend((prefix + path, label) for path, label in gm.elided)
+    done = len(gm.elided)
     for node in list(gm.graph.nodes):
         if len(node.args) < 1 or not isinstance(node.args[0], fx.Node):
             continue
         if node.op == "call_module":
             m = gm.get_submodule(node.target)
-            if not (isinstance(m, _IDENTITIES) and plain_forward(m) and not m._forward_hooks
-                    and not m._forward_pre_hooks and len(node.args) == 1 and not node.kwargs):
+            if not (is_no_op(m) and len(node.args) == 1 and not node.kwargs):
                 continue
             label = type(m).__name__
         elif node.op == "call_function" and getattr(node.target, "__name__", "") in _DROPOUT_NAMES:

@@ -16,7 +16,7 @@ from types import CodeType
 import torch
 from torch import fx, nn
 
-from ..torch_ops import _BNS, _CONV_TRANSPOSES, _CONVS, _PADS, _POOLS, is_exported_module, plain_forward
+from ..torch_ops import _BNS, _CONV_TRANSPOSES, _CONVS, _PADS, _POOLS, is_exported_module, is_no_op, plain_forward
 from .patching import tracing
 from .workspace import Workspace
 
@@ -77,6 +77,10 @@ class ReparamTracer(fx.Tracer):
     (control flow on a tensor, run-time padding from ``x.shape``...) becomes a leaf: the nodes traced so far
     inside it are dropped, it is called as a whole, and :attr:`opaque` records why by module path, so one
     untraceable layer no longer keeps the rest of the model from being traced.
+
+    An eval-mode no-op (a plain ``nn.Identity`` or dropout module) is not recorded at all: its call gives back
+    its input, as the module itself does, and :attr:`elided` lists it for the report.  Those calls are a fifth
+    of the nodes of a timm model (every norm-act layer has two), and each node costs every pass below.
     """
 
     _LEAVES = (*_CONVS, *_CONV_TRANSPOSES, *_POOLS, *_PADS, nn.Linear)
@@ -85,22 +89,31 @@ class ReparamTracer(fx.Tracer):
         super().__init__()
         self.module_stack = _Stack()  # fx copies it into every node's meta
         self.opaque: dict[str, str] = {}  # module path -> why its forward could not be traced
+        self.elided: list[tuple[str, str]] = []  # (module path, class name) of each no-op call left out
         self.saved: State = {}  # the modules' plain state before tracing (forward code may cache proxies in it)
         self._paths: dict[int, str] | None = None  # id of each parameter and buffer -> its path
+        self.named: list[tuple[str, nn.Module]] = []  # the root's named_modules(), walked once
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _InplaceProxy(node, self)
 
     def trace(self, root, concrete_args=None) -> fx.Graph:
         self.proxy_cache: dict = {}  # fx's parameter proxy cache, for a session's module wrappers
+        if isinstance(root, nn.Module) and not self.named:
+            self.named = list(root.named_modules())
         with tracing(self):
             return super().trace(root, concrete_args)
 
     def _path_of(self, t: torch.Tensor) -> str | None:
-        if self._paths is None:
-            self._paths = {}
-            for n, p in [*self.root.named_buffers(), *self.root.named_parameters()]:
-                self._paths[id(p)] = n  # parameters last: they win, as in fx, where both could match
+        if self._paths is None:  # as named_buffers() then named_parameters(), from the one module walk
+            buffers: dict[int, str] = {}
+            params: dict[int, str] = {}
+            for path, m in self.named or self.root.named_modules():
+                for table, own in ((buffers, m._buffers), (params, m._parameters)):
+                    for k, v in own.items():
+                        if v is not None:
+                            table.setdefault(id(v), f"{path}.{k}" if path else k)
+            self._paths = buffers | params  # parameters win, as in fx, where both could match
         return self._paths.get(id(t))
 
     def create_arg(self, a):
@@ -148,6 +161,9 @@ class ReparamTracer(fx.Tracer):
 
     def call_module(self, m, forward, args, kwargs):
         qualname = self.path_of_module(m)
+        if is_no_op(m) and len(args) == 1 and not kwargs and isinstance(args[0], fx.Proxy):
+            self.elided.append((qualname, type(m).__name__))
+            return args[0]
         if self.is_leaf_module(m, qualname):
             return super().call_module(m, forward, args, kwargs)
         last = self.graph._root.prev  # the graph's last node: what the attempt adds comes after it
@@ -172,20 +188,21 @@ _INTERNALS = {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_se
               "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"}
 
 
-def snapshot(root: nn.Module) -> State:
-    """Every module's plain attributes, with a copy of each dict, list or set among them."""
+def snapshot(root: nn.Module, modules: list[nn.Module] | None = None) -> State:
+    """Every module's plain attributes, with a copy of each dict, list or set among them (``modules``:
+    ``root.modules()``, if already listed)."""
     out: State = {}
-    for m in root.modules():
+    for m in root.modules() if modules is None else modules:
         attrs = {k: v for k, v in vars(m).items() if k not in _INTERNALS}
         contents = {k: copy.copy(v) for k, v in attrs.items() if type(v) in (dict, list, set)}
         out[id(m)] = (m, attrs, contents)
     return out
 
 
-def restore(saved: State, root: nn.Module) -> None:
+def restore(saved: State, root: nn.Module, modules: list[nn.Module] | None = None) -> None:
     """Put back the plain attributes of ``root``'s modules as ``saved`` holds them: tracing runs forward code
     that may store proxies in them (a cache dict filled on first call) or add attributes."""
-    for m in root.modules():
+    for m in root.modules() if modules is None else modules:
         entry = saved.get(id(m))
         if entry is None:
             continue
@@ -230,17 +247,20 @@ def trace(module: nn.Module) -> Workspace:
         return Workspace(module, graph, type(module).__name__)
     tracer = ReparamTracer()
     before = set(vars(module))
-    tracer.saved = snapshot(module)
+    tracer.named = list(module.named_modules())
+    modules = [m for _, m in tracer.named]
+    tracer.saved = snapshot(module, modules)
     try:
         graph = tracer.trace(module)
     finally:
         # fx stores tensors the code reads from outside the module (globals) on the module itself as
         # ``_tensor_constant<i>``: take them back off the model, the workspace holds them
         added = {k: vars(module).pop(k) for k in set(vars(module)) - before}
-        restore(tracer.saved, module)
+        restore(tracer.saved, module, modules)
     name = module.__class__.__name__ if isinstance(module, nn.Module) else "Module"
     ws = Workspace(tracer.root, graph, name)
     ws.opaque = tracer.opaque
+    ws.elided = tracer.elided
     for k, v in added.items():
         ws.add_submodule(k, v)
     return ws

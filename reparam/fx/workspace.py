@@ -29,6 +29,7 @@ class Workspace:
         self.root, self.graph, self.name = root, graph, name
         self.added: dict[str, nn.Module] = {}
         self.opaque: dict[str, str] = {}  # submodule path -> why it is called whole (its forward did not trace)
+        self.elided: list[tuple[str, str]] = []  # (path, class) of the no-op modules tracing left out
         self._modules: dict[str, nn.Module] = {}  # root's submodules already looked up (each walk done once)
         self._targets: set[str] | None = None
 
@@ -41,6 +42,7 @@ class Workspace:
         out = Workspace(self.root if root is None else root, graph, self.name)
         out.added = dict(self.added)
         out.opaque = dict(self.opaque)
+        out.elided = list(self.elided)
         return out
 
     def original_targets(self) -> set[str]:
