@@ -19,7 +19,7 @@ from ..core.report import Leftover
 from ..torch_ops import _BNS, plain_forward, torch_base
 from .aten import is_aten, normalize
 from .counting import graph_counts, static_counts
-from .facts import fold_constants, infer_ranks
+from .facts import drop_implied_checks, fold_constants, infer_ranks
 from .folds import apply_folds
 from .leftovers import Explainer
 from .parents import carry_attributes, keep_face, reads_inside
@@ -52,6 +52,7 @@ class Build:
     report: FuseReport
     levels: list[Level] = field(default_factory=list)
     replaced: list[str] = field(default_factory=list)  # submodule paths replaced inside an untraced parent
+    memo: dict | None = None  # the deepcopy memo of the model's copies (None: a build in place)
     undone: dict[str, str] = field(default_factory=dict)  # part id -> why it was left out
 
     def part_ids(self) -> list[str]:
@@ -82,23 +83,37 @@ def build(model: nn.Module, opts: Options, *, copy_model: bool = True) -> Build:
 
 def _build(model: nn.Module, opts: Options, copy_model: bool) -> Build:
     rep = FuseReport()
-    out = Build(model, rep, undone=dict(opts.undone))
+    copying = copy_model and not opts.trace_only
+    out = Build(model, rep, undone=dict(opts.undone), memo={} if copying else None)
     rep.undone = [(pid, why) for pid, why in opts.undone.items()]
     ws = None if TRACE in opts.skip else _try_trace(model, "", rep, opts.traces)
     if ws is None:
         rep.counts_before = static_counts(model)
-        root = safe_deepcopy(model) if copy_model and not opts.trace_only else model
-        out.module = _fuse_children(root, "", opts, out)
+        out.module = _swapped(model, _fuse_children(model, "", opts, out), out.memo)
         rep.counted_on = "module structure (adds only inside traced parts)"
     else:
         rep.counts_before = graph_counts(ws.graph, ws.attr)
-        fused = _fuse_traced(ws, "", opts, out, copy_originals=copy_model)
+        fused = _fuse_traced(ws, "", opts, out, copy_originals=copying)
         if fused is not None:
             out.module = fused
         else:
-            out.module = safe_deepcopy(model) if copy_model and not opts.trace_only else model
+            out.module = safe_deepcopy(model, out.memo) if copying else model
     rep.counts_after = static_counts(out.module)
     return out
+
+
+Swap = tuple[nn.Module, str, nn.Module, nn.Module]  # (parent, child name, child, what replaces it)
+
+
+def _swapped(root: nn.Module, swaps: list[Swap], memo: dict | None) -> nn.Module:
+    """``root`` with each swapped child replaced: in place when ``memo`` is None, else in a copy of the rest
+    (the replacements are new modules over copies made through ``memo``: nothing they replace is copied)."""
+    if memo is None:
+        for parent, name, _child, new in swaps:
+            setattr(parent, name, new)
+        return root
+    memo.update({id(child): new for _parent, _name, child, new in swaps})
+    return safe_deepcopy(root, memo)
 
 
 def _try_trace(module: nn.Module, path: str, rep: FuseReport, cache: dict | None) -> Workspace | None:
@@ -122,10 +137,13 @@ def _try_trace(module: nn.Module, path: str, rep: FuseReport, cache: dict | None
 
 
 def _fuse_children(module: nn.Module, prefix: str, opts: Options, out: Build, why: str | None = None
-                   ) -> nn.Module:
-    """Fuse each child of an untraceable module (in place, on an already-copied tree); ``why`` says why the
-    children of ``module`` are fused one by one when it is not that its forward cannot be traced."""
+                   ) -> list[Swap]:
+    """Fuse each child of an untraceable module (nothing is changed: the replacements are returned, for
+    :func:`_swapped`); ``why`` says why the children of ``module`` are fused one by one when it is not that
+    its forward cannot be traced.  The replacements hold copies (through ``out.memo``) of what they keep of
+    the model, unless the build is in place."""
     why = why or f"it is called by {type(module).__name__}'s own code, which fx cannot trace"
+    swaps: list[Swap] = []
     for name, child in list(module.named_children()):
         path = f"{prefix}{name}"
         if path + MODULE in opts.skip:
@@ -141,18 +159,18 @@ def _fuse_children(module: nn.Module, prefix: str, opts: Options, out: Build, wh
         ws = None if path + TRACE in opts.skip or inside or alone else _try_trace(child, path, out.report, opts.traces)
         if ws is None:
             if any(True for _ in child.children()):
-                _fuse_children(child, path + ".", opts, out, None if not inside else (
+                swaps += _fuse_children(child, path + ".", opts, out, None if not inside else (
                     f"{type(module).__name__}'s code reaches inside {path} ({type(child).__name__}), which is "
                     "therefore kept as it is and its children fused one by one"))
             elif isinstance(child, _BNS) and not opts.trace_only:
                 out.report.leftovers.append(Leftover(
                     path, type(child).__name__, f"{why}, so no conv is next to it in a traced graph", "untraced"))
             continue
-        fused = _fuse_traced(ws, path + ".", opts, out, copy_originals=False)
+        fused = _fuse_traced(ws, path + ".", opts, out, copy_originals=out.memo is not None)
         if fused is not None:
-            setattr(module, name, keep_face(child, fused))
+            swaps.append((module, name, child, keep_face(child, fused, out.memo)))
             out.replaced.append(path)
-    return module
+    return swaps
 
 
 def _single_op(m: nn.Module) -> bool:
@@ -182,6 +200,7 @@ def _fuse_traced(ws: Workspace, prefix: str, opts: Options, out: Build, copy_ori
         normalize(ws.graph)
     removed = len(rep.removed)
     dropped = drop_identities(ws, rep, prefix)  # not a change of its own: alone, it is not worth a new module
+    checks = drop_implied_checks(ws)  # (nor is this)
     changed = _fuse_opaque_leaves(ws, prefix, opts, out, rw)
     fold_constants(ws)
     changed += store_constants(ws, rep, rw, prefix)
@@ -193,6 +212,9 @@ def _fuse_traced(ws: Workspace, prefix: str, opts: Options, out: Build, copy_ori
     changed += apply_plan(ws, plan, tr.graph, rep, rw, prefix)
     if dropped and not changed:
         del rep.removed[removed:]  # the module is kept as it is, no-ops included
+    if checks and changed:
+        rep.notes.append(f"{prefix[:-1] or 'the model'}: {checks} rank checks (torch._assert on x.ndim) removed, "
+                         "each implied by the checks and ops before it")
     rep.leftovers.extend(Explainer(ws, tr.graph, plan, tr.refused, rw, prefix, opts.undone).collect())
     out.levels.append(Level(path, traced, rw.parts))
     if not changed:
@@ -201,9 +223,9 @@ def _fuse_traced(ws: Workspace, prefix: str, opts: Options, out: Build, copy_ori
     ws.graph.lint()
     gm = ws.graph_module()
     if copy_originals:
-        _copy_originals(gm, rw)
+        _copy_originals(gm, rw, out.memo)
     if not prefix:
-        carry_attributes(ws.root, gm)
+        carry_attributes(ws.root, gm, out.memo)
     return gm
 
 
@@ -232,11 +254,14 @@ def _fuse_opaque_leaves(ws: Workspace, prefix: str, opts: Options, out: Build, r
         if path in ws.added or not any(True for _ in m.children()) or prefix + path + MODULE in opts.skip or (
                 not opts.allow_costlier and all(_single_op(c) for c in m.children())):  # nothing can change inside
             continue
-        copy_ = m if opts.trace_only else safe_deepcopy(m)  # (finding levels changes nothing)
-        before = len(out.replaced)
-        _fuse_children(copy_, prefix + path + ".", opts, out)
-        if len(out.replaced) == before:
-            continue
+        memo, out.memo = out.memo, ({} if out.memo is None else out.memo)  # the copy is the submodule's own
+        try:
+            swaps = _fuse_children(m, prefix + path + ".", opts, out)
+            if opts.trace_only or not swaps:  # (finding levels changes nothing)
+                continue
+            copy_ = _swapped(m, swaps, out.memo)
+        finally:
+            out.memo = memo
         ws.add_submodule(path, copy_)
         rw.modules[path] = copy_
         out.replaced.append(prefix + path)
@@ -244,11 +269,12 @@ def _fuse_opaque_leaves(ws: Workspace, prefix: str, opts: Options, out: Build, r
     return done
 
 
-def _copy_originals(gm: fx.GraphModule, rw: Rewrite) -> None:
-    """Replace the references to the input model's modules/tensors by copies (sharing preserved)."""
+def _copy_originals(gm: fx.GraphModule, rw: Rewrite, memo: dict) -> None:
+    """Replace the references to the input model's modules/tensors by copies (sharing preserved, also with
+    the other copies made through ``memo``)."""
     targets = list(dict.fromkeys(n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")))
     originals = {t: attr_at(gm, t) for t in targets if t not in rw.modules}
-    memo = {id(m): m for m in rw.modules.values()}
+    memo.update({id(m): m for m in rw.modules.values()})
     copies = safe_deepcopy(originals, memo)
     for t, obj in copies.items():
         _set(gm, t, obj)

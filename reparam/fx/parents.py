@@ -9,6 +9,7 @@ replaced (:func:`reads_inside`, read from the parent's source).
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import re
@@ -69,12 +70,15 @@ _MODULE_STATE = {"training", "_parameters", "_buffers", "_non_persistent_buffers
                  "_load_state_dict_post_hooks", "_modules", "_compiled_call_impl"}
 
 
-def carry_attributes(original: nn.Module, gm: nn.Module) -> None:
+def carry_attributes(original: nn.Module, gm: nn.Module, memo: dict | None = None) -> None:
     """Give ``gm`` the plain attributes of the module it replaces (``m.f``, ``m.stride``, ``num_classes``...),
-    which surrounding code may read; modules, parameters and buffers are the graph's own business."""
+    which surrounding code may read; modules, parameters and buffers are the graph's own business.  With a
+    deepcopy ``memo``, ``gm`` gets copies (the original belongs to the caller's model)."""
     for key, value in vars(original).items():
         if key in _MODULE_STATE or key in vars(gm) or isinstance(value, (nn.Module, torch.Tensor)) or callable(value):
             continue  # (a bound method on the instance, as an exported module's eval(), is its own business)
+        if memo is not None:
+            value = copy.deepcopy(value, memo)
         try:
             object.__setattr__(gm, key, value)
         except (AttributeError, TypeError):  # a read-only property of GraphModule
@@ -98,10 +102,11 @@ def _overrides_module(cls: type) -> bool:
     return False
 
 
-def keep_face(original: nn.Module, gm: fx.GraphModule) -> nn.Module:
-    """``gm`` as seen by the untraced code around it: the original's plain attributes, and, when that is
-    safe, its class too (``isinstance(m, Detect)`` in a parent's forward keeps working)."""
-    carry_attributes(original, gm)
+def keep_face(original: nn.Module, gm: fx.GraphModule, memo: dict | None = None) -> nn.Module:
+    """``gm`` as seen by the untraced code around it: the original's plain attributes (copied through
+    ``memo`` when there is one), and, when that is safe, its class too (``isinstance(m, Detect)`` in a
+    parent's forward keeps working)."""
+    carry_attributes(original, gm, memo)
     cls = type(original)
     if not _overrides_module(cls):
         try:
