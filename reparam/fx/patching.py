@@ -59,7 +59,8 @@ def tracing_session() -> Iterator[None]:
     """Keep fx's tracing patches applied for the duration (nested sessions and fx traces already under
     way leave it a no-op)."""
     getattr_, call = nn.Module.__getattr__, nn.Module.__call__
-    if getattr(_state, "active", False) or not all(hasattr(_fx, n) for n in _NEEDED) or fx_tracing():
+    if (getattr(_state, "active", False) or not all(hasattr(_fx, n) for n in _NEEDED)
+            or not hasattr(_fx._Patcher, "visit_once") or fx_tracing()):
         yield
         return
 
@@ -76,14 +77,28 @@ def tracing_session() -> Iterator[None]:
             return call(mod, *args, **kwargs)
         patcher = getattr(_fx, "CURRENT_PATCHER", None)
         if patcher is not None:  # as fx does on each call: math functions imported into the forward's module
-            _fx._autowrap_check(patcher, getattr(getattr(mod, "forward", mod), "__globals__", {}),
-                                tracer._autowrap_function_ids)
+            autowrap(patcher, getattr(getattr(mod, "forward", mod), "__globals__", {}), tracer._autowrap_function_ids)
 
         def forward(*a: Any, **k: Any) -> Any:
             return call(mod, *a, **k)
         return tracer.call_module(mod, forward, args, kwargs)
 
     wrap, wrappers = _fx._create_wrapped_func, {}
+    scanned: dict[int, tuple[set[int], list[str]]] = {}  # id of a globals dict -> (function ids, names found)
+
+    def autowrap(patcher: Any, frame_dict: dict[str, Any], function_ids: set[int]) -> None:
+        """fx's ``_autowrap_check``, each module's globals scanned once per session, not once per trace (a
+        YOLO model's 60 traces each scanned the same few large dicts)."""
+        if not patcher.visit_once(frame_dict):
+            return
+        ids, names = scanned.get(id(frame_dict), (None, None))
+        if ids != function_ids:
+            names = [k for k, v in frame_dict.items()
+                     if not k.startswith("_") and callable(v) and id(v) in function_ids]
+            scanned[id(frame_dict)] = (set(function_ids), names)
+        for k in names:
+            if k in frame_dict and id(frame_dict[k]) in function_ids:  # (still what was found)
+                patcher.patch(frame_dict, k, wrapped_once(frame_dict[k]))
 
     def wrapped_once(fn: Any) -> Any:  # the same wrapper each trace, not a new functools.wraps copy
         if fn not in wrappers:
