@@ -181,8 +181,56 @@ def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
     return node.kwargs.get(name, node.args[i] if len(node.args) > i else default)
 
 
-def _rank_facts(node: fx.Node, ws: Workspace, r: _Ranks) -> None:
-    shape = meta_shape(node)
+def drop_implied_checks(ws: Workspace) -> int:
+    """Remove each rank check (``torch._assert(x.ndim == k)``, timm's norm layers' own) that the checks and
+    ops before it in the graph already guarantee; the number removed.
+
+    The graph is read in its order, with only the facts established so far (an earlier check on a value of
+    the same rank class, a ``BatchNorm2d`` that raises on other ranks, a reshape to a given rank; never
+    example-input shapes): a removed check could not have failed, so the model raises where and when it
+    did.  A model of timm's norm-act layers keeps its first check; the others are a third of its traced
+    nodes, which every later pass and every call of the fused model would otherwise carry.  Nothing is
+    removed from a graph that changes a tensor's rank in place (``x.unsqueeze_(0)``).
+    """
+    nodes = list(ws.graph.nodes)
+    if any(n.op == "call_method" and n.target in _RANK_CHANGING_INPLACE for n in nodes):
+        return 0
+    r = _Ranks()
+    dropped = 0
+    for node in nodes:
+        if node.op == "call_function" and node.target is torch._assert and node.args \
+                and isinstance(node.args[0], fx.Node) and not node.users:
+            fact = _rank_check(node.args[0])
+            if fact is not None and r.get(fact[0]) == fact[1]:
+                cond = node.args[0]
+                reads = [cond, *cond.all_input_nodes]  # the comparison, then the rank read
+                ws.graph.erase_node(node)
+                for n in reads:
+                    if not n.users and n.op in ("call_function", "call_method"):
+                        ws.graph.erase_node(n)
+                dropped += 1
+                continue
+        _rank_facts(node, ws, r, shapes=False)
+    for node in reversed(nodes):  # reads left without a reader (the rank a check's message was formatted with)
+        if not node.users and not node._erased and _unused_read(node):
+            ws.graph.erase_node(node)
+    return dropped
+
+
+def _unused_read(node: fx.Node) -> bool:
+    """A read of a value's metadata (``getattr(x, "ndim")``, ``x.dim()``, ``x.size()``): pure, so it goes when
+    nothing reads it."""
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) == 2 and node.args[1] in _RANK_ATTRS | _SHAPE_ATTRS
+    return node.op == "call_method" and node.target in ("dim", "ndimension", "size")
+
+
+_RANK_CHANGING_INPLACE = {"unsqueeze_", "squeeze_", "resize_", "resize_as_", "as_strided_", "set_", "t_",
+                          "transpose_", "swapdims_", "swapaxes_"}
+
+
+def _rank_facts(node: fx.Node, ws: Workspace, r: _Ranks, shapes: bool = True) -> None:
+    shape = meta_shape(node) if shapes else None
     if shape is not None:
         r.fix(node, len(shape))
     x = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
@@ -306,19 +354,27 @@ def _flatten(node: fx.Node, r: _Ranks, start: Any, end: Any) -> None:
 
 def _assert_rank(cond: fx.Node, r: _Ranks) -> None:
     """``torch._assert(x.ndim == k)`` / ``x.dim() == k``: ``x`` has rank ``k``."""
+    fact = _rank_check(cond)
+    if fact is not None:
+        r.fix(*fact)
+
+
+def _rank_check(cond: fx.Node) -> tuple[fx.Node, int] | None:
+    """``(x, k)`` when ``cond`` is ``x.ndim == k`` or ``x.dim() == k`` (``k`` a number)."""
     if cond.op != "call_function" or cond.target is not operator.eq or len(cond.args) != 2:
-        return
+        return None
     probe, k = cond.args
     if isinstance(k, fx.Node):
         probe, k = k, probe
-    if not isinstance(k, int) or not isinstance(probe, fx.Node) or not probe.args:
-        return
+    if type(k) is not int or not isinstance(probe, fx.Node) or not probe.args:
+        return None
     value = probe.args[0]
     if not isinstance(value, fx.Node):
-        return
+        return None
     if (probe.op == "call_function" and probe.target is getattr and probe.args[1] == "ndim") or (
             probe.op == "call_method" and probe.target in ("dim", "ndimension") and len(probe.args) == 1):
-        r.fix(value, k)
+        return value, k
+    return None
 
 
 
@@ -410,5 +466,5 @@ def constant_frontier(ws: Workspace) -> list[fx.Node]:
     return out
 
 
-__all__ = ["constant_frontier", "data_users", "fold_constants", "infer_ranks", "meta_shape", "metadata_kind",
-           "metadata_users"]
+__all__ = ["constant_frontier", "data_users", "drop_implied_checks", "fold_constants", "infer_ranks", "meta_shape",
+           "metadata_kind", "metadata_users"]

@@ -167,3 +167,163 @@ def test_children_kept_because_the_parent_reaches_inside_say_so() -> None:
     assert ops(fused, x) == ops(model, x) and len(rep.bn_left) == 2
     for left in rep.bn_left:
         assert "PassesChildren's code reaches inside" in left.reason and left.reason.endswith("traced graph")
+
+
+# ------------------------------------------------------------------ no-ops, fallback copies, rank checks
+
+
+class WithNoOps(nn.Module):
+    """Identity and dropout modules around a conv+BN, one Identity with a hook (it must still run)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre, self.body, self.drop = nn.Identity(), conv_bn(C, C, 3), nn.Dropout(0.5)
+        self.hooked = nn.Identity()
+        self.calls = 0
+        self.hooked.register_forward_hook(self._count)
+
+    def _count(self, *_: object) -> None:
+        self.calls += 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hooked(self.drop(self.body(self.pre(x))))
+
+
+def test_no_ops_are_left_out_while_tracing_and_reported() -> None:
+    model, x = WithNoOps(), x_of(2, C, 6, 6)
+    ws = trace(model.eval())
+    called = [str(n.target) for n in ws.graph.nodes if n.op == "call_module"]
+    assert "pre" not in called and "drop" not in called and "hooked" in called  # a hook keeps its call
+    assert ws.elided == [("pre", "Identity"), ("drop", "Dropout")]
+    fused, rep = fuse_checked(model, x, example=False)
+    assert {w for w, _ in rep.removed} == {"pre", "drop"}
+    model.calls = 0
+    fused(x)
+    assert ops(fused, x)["batch_norm"] == 0 and model.calls == 0  # the copy's hook counts on the copy
+
+
+class TrainingDropout(nn.Dropout):
+    """Stays in training mode after ``eval()``: it is not a no-op."""
+
+    def train(self, mode: bool = True) -> TrainingDropout:
+        return super().train(True)
+
+
+def test_a_dropout_that_stays_in_training_mode_is_kept() -> None:
+    model = nn.Sequential(conv_bn(C, C, 3), TrainingDropout(0.5)).eval()
+    ws = trace(model)
+    assert ws.elided == [] and [str(n.target) for n in ws.graph.nodes if n.op == "call_module"][-1] == "1"
+
+
+class Shared(nn.Module):
+    """An untraceable parent: two children share one activation; one child is replaced, one reached into."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        act = nn.ReLU()
+        self.a = nn.Sequential(conv_bn(C, C, 3), act)
+        self.b = nn.Sequential(conv_bn(C, C, 1, padding=0), act)
+        self.tags = ["a", "b"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        if y.sum() > 1e9:  # data-dependent: the parent cannot be traced
+            y = -y
+        return self.b[1](self.b[0](y))  # reaches into b: b is kept, its children fused
+
+
+def test_fallback_copies_only_what_it_keeps_and_keeps_sharing() -> None:
+    model, x = Shared(), x_of(2, C, 6, 6)
+    fused, rep = fuse_checked(model, x, example=False)
+    assert ops(fused, x)["batch_norm"] == 0, rep
+    assert fused.b[1] is not model.b[1] and fused.tags == model.tags and fused.tags is not model.tags
+    replaced_act = [m for m in fused.a.modules() if isinstance(m, nn.ReLU)]
+    assert replaced_act == [fused.b[1]]  # still one activation, shared, and a copy
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for p in fused.parameters():
+        p.data.zero_()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the input is untouched
+
+
+def test_fallback_children_keep_copies_of_what_their_parent_reads() -> None:
+    from test_fx_idioms import YoloLike
+
+    model, x = YoloLike(), x_of(2, C, 8, 8)
+    fused, _ = fuse_checked(model, x, example=False)
+    assert fused.model[2].f == model.model[2].f and fused.model[2].f is not model.model[2].f
+    fused.model[2].f.append(9)
+    assert model.model[2].f == [0, 1]
+
+
+class Checked(nn.Module):
+    """timm-style norm layers, each asserting the rank of its input (``BNAct2d`` from the idiom corpus)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from test_fx_idioms import ConvNormAct
+
+        self.blocks = nn.Sequential(*[ConvNormAct(C, C, 3) for _ in range(3)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
+def _asserts(module: nn.Module) -> int:
+    return sum(n.op == "call_function" and n.target is torch._assert for n in module.graph.nodes)
+
+
+def test_rank_checks_implied_by_earlier_ones_are_removed() -> None:
+    model, x = Checked(), x_of(2, C, 6, 6)
+    fused, rep = fuse_checked(model, x, example=False)
+    assert _asserts(fused) == 1 and any("2 rank checks" in n for n in rep.notes), rep.notes
+    assert not any(n.op == "call_function" and n.target is getattr and not n.users for n in fused.graph.nodes)
+    for module in (model, fused):  # the first check still stops a 3-D input, with the same message
+        try:
+            module(x_of(C, 6, 6))
+            raise AssertionError("a 3-D input ran")
+        except AssertionError as err:
+            assert "expected 4D input" in str(err)
+
+
+class CheckThenBN(nn.Module):
+    """The check comes first, the fact that would imply it (a BatchNorm2d, which raises) only after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(C, C, 3, padding=1), nn.BatchNorm2d(C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        torch._assert(y.ndim == 4, "4-D")
+        return self.bn(y * 2.0)
+
+
+class InplaceRank(nn.Module):
+    """A rank that changes in place, depending on the input (``squeeze_(0)`` of a batch of one): the check
+    after it is not implied by the one before."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(C, C, 3, padding=1), nn.BatchNorm2d(C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        torch._assert(y.ndim == 4, "4-D")
+        y.squeeze_(0)
+        torch._assert(y.ndim == 4, "a batch of one")
+        return y
+
+
+def test_rank_checks_stay_unless_implied_by_what_runs_before() -> None:
+    for model in (CheckThenBN(), InplaceRank()):
+        x = x_of(2, C, 6, 6)
+        fused, _ = fuse_checked(model, x, example=False)
+        want = sum(n.op == "call_function" and n.target is torch._assert for n in trace(model).graph.nodes)
+        assert _asserts(fused) == want, type(model).__name__
+    one = x_of(1, C, 6, 6)
+    for module in (model, fused):
+        try:
+            module(one)
+            raise RuntimeError("a batch of one ran")
+        except AssertionError as err:
+            assert "a batch of one" in str(err)
