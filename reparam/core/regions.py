@@ -263,10 +263,13 @@ class _Planner:
     def _source(self, name: str) -> _Value:
         known = self.values.get(name)
         c, nd = (known.channels, known.ndim) if known is not None else self._source_shape(name)
-        unit = self.memo.get(("unit", c, nd))
-        if unit is None:
-            unit = self.memo[("unit", c, nd)] = KernelSum.of(identity(c, nd), unit=True)
-        return _Value({name: unit}, None, c, nd)
+        value = self.memo.get(("source", name, c, nd))  # the same object in every pass (see _step)
+        if value is None:
+            unit = self.memo.get(("unit", c, nd))
+            if unit is None:
+                unit = self.memo[("unit", c, nd)] = KernelSum.of(identity(c, nd), unit=True)
+            value = self.memo[("source", name, c, nd)] = _Value({name: unit}, None, c, nd)
+        return value
 
     def _input_value(self, name: str) -> _Value:
         if name in self.opaque or name in self.exits:
@@ -409,6 +412,27 @@ class _Planner:
                           unpaid)
 
     # -- the pass ------------------------------------------------------------------------------------
+    def _step(self, node: Node) -> _Value:
+        """``_apply`` on the node's current inputs, reused from an earlier pass of the same plan when those
+        inputs are the very same values and the node is guarded, split and exact as it was then (values are
+        never changed once made, so the result, and what the step records, would be the same)."""
+        ins = [self._input_value(i) for i in node.inputs]
+        name = node.name
+        flags = (name in self.guarded, name in self.split, name in self.exact)
+        steps = self.memo.setdefault("steps", {})
+        done = steps.get(name)
+        if done is not None and done[1] == flags and len(done[0]) == len(ins) \
+                and all(a is b for a, b in zip(done[0], ins)):
+            _, _, value, sized, cost = done
+            if sized:
+                self.sized.add(name)
+            if cost is not None:
+                self.op_cost[name] = cost
+            return value
+        value = self._apply(node, ins)
+        steps[name] = (ins, flags, value, name in self.sized, self.op_cost.get(name))
+        return value
+
     def run(self) -> Plan:
         g = self.g
         self._choose_exits()
@@ -418,13 +442,13 @@ class _Planner:
             self.current = name
             try:
                 try:
-                    self.values[name] = self._apply(node, [self._input_value(i) for i in node.inputs])
+                    self.values[name] = self._step(node)
                 except _Unpaid as err:  # those inputs are computed as they are and summed as plain values
                     culprits = {node.inputs[k] for k in err.inputs} - self.exits - self.opaque
                     if not culprits:
                         raise
                     self.exits.update(culprits)
-                    self.values[name] = self._apply(node, [self._input_value(i) for i in node.inputs])
+                    self.values[name] = self._step(node)
                 if len(self.users[name]) > 1 and len(self.values[name].terms) > 1:
                     self.exits.add(name)  # inlining a sum of sources for several readers repeats them per source
                 continue
@@ -433,7 +457,7 @@ class _Planner:
             cut = [i for i in node.inputs if i not in self.opaque and i not in self.exits]
             self.exits.update(cut)
             try:
-                self.values[name] = self._apply(node, [self._input_value(i) for i in node.inputs])
+                self.values[name] = self._step(node)
             except NotFusable as err:
                 if str(err) != self.refusals[-1].reason:
                     self.refusals.append(Refusal(name, str(err)))
@@ -479,7 +503,8 @@ class _Planner:
                         stack.append(i)
             members = sorted(members, key=order.get)
             convs = sum(isinstance(self.g.nodes[n].op, Conv) for n in members)
-            regions.append(Region(e, members, _terms(self.values[e], order), convs))
+            regions.append(Region(e, members, _terms(self.values[e], order, self.memo.setdefault("identity", {})),
+                                  convs))
         return regions
 
 
@@ -506,10 +531,16 @@ def _eye(conv: Conv) -> np.ndarray:
     return eye
 
 
-def _terms(v: _Value, order: dict[str, int]) -> list[Term]:
+def _terms(v: _Value, order: dict[str, int], identities: dict | None = None) -> list[Term]:
+    """``v``'s terms in graph order, each marked when it is an identity (``identities``: the answers of
+    earlier passes, by kernel, kept with the kernel so that its id stays its own)."""
+    identities = {} if identities is None else identities
     terms = [Term(s, t) for s, t in sorted(v.terms.items(), key=lambda kv: order[kv[0]])]
     for t in terms:
-        t.identity = _is_identity(t)
+        known = identities.get(id(t.kernel))
+        if known is None or known[0] is not t.kernel or known[1] is not t.bias:
+            known = identities[id(t.kernel)] = (t.kernel, t.bias, _is_identity(t))
+        t.identity = known[2]
     if v.bias is not None:  # even a zero bias is kept on a conv (a folded BN gives its conv a bias)
         k = next((i for i, t in enumerate(terms) if not t.identity), 0 if np.any(v.bias != 0) else None)
         if k is not None:
