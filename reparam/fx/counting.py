@@ -22,7 +22,7 @@ def static_counts(module: nn.Module) -> Counter:
     (recursing into the modules it calls whole), else its standard conv, Linear and BN submodules."""
     if isinstance(module, fx.GraphModule):
         return graph_counts(module.graph, lambda t: attr_at(module, t))
-    return _module_kind(module)
+    return _module_kind(module, Counter())
 
 
 def graph_counts(graph: fx.Graph, attr: Callable[[str], Any]) -> Counter:
@@ -30,7 +30,7 @@ def graph_counts(graph: fx.Graph, attr: Callable[[str], Any]) -> Counter:
     counts: Counter = Counter()
     for node in graph.nodes:
         if node.op == "call_module":
-            counts += _module_kind(attr(node.target))
+            _module_kind(attr(node.target), counts)
         elif node.op in ("call_function", "call_method"):
             packet = getattr(node.target, "_overloadpacket", None)  # an ATen overload: its op's name
             name = packet.__name__ if packet is not None else getattr(node.target, "__name__", str(node.target))
@@ -52,11 +52,12 @@ def graph_counts(graph: fx.Graph, attr: Callable[[str], Any]) -> Counter:
     return counts
 
 
-def _module_kind(m: nn.Module) -> Counter:
-    """Counts of a module run whole: a GraphModule by its graph, else its standard layers (each once)."""
+def _module_kind(m: nn.Module, counts: Counter) -> Counter:
+    """Add the counts of a module run whole to ``counts``: a GraphModule by its graph, else its standard layers
+    (each once)."""
     if isinstance(m, fx.GraphModule):
-        return static_counts(m)
-    counts: Counter = Counter()
+        counts.update(static_counts(m))
+        return counts
     if isinstance(m, (*_CONVS, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
         counts["conv"] += 1
     elif isinstance(m, _BNS):
@@ -64,7 +65,7 @@ def _module_kind(m: nn.Module) -> Counter:
     elif isinstance(m, nn.Linear):
         counts["linear"] += 1
     for child in m.children():
-        counts += _module_kind(child)
+        _module_kind(child, counts)
     return counts
 
 

@@ -273,13 +273,17 @@ def eval_mode(module: nn.Module, keep: bool) -> Iterator[None]:
         yield
         return
     flags = {m: m.training for m in module.modules()}
-    module.eval()
+    # eval() is called when some module is in training mode or has its own train(), which may do more
+    called = any(flags.values()) or any(type(m).train is not nn.Module.train for m in flags)
+    if called:
+        module.eval()
     try:
         yield
     finally:
-        if not keep:
+        if not keep and called:
             for m, flag in flags.items():
-                m.training = flag
+                if m.training != flag:
+                    m.training = flag
 
 
 @contextlib.contextmanager
@@ -298,7 +302,9 @@ def frozen_training_state(module: nn.Module) -> Iterator[None]:
 def safe_deepcopy(obj, memo: dict | None = None):
     """``copy.deepcopy`` that also copies modules holding computed (non-leaf) tensors, such as old-style
     ``weight_norm``'s ``weight``: those are detached copies, recomputed by their hooks on the next call.
-    Objects already in ``memo`` (by id) are used as they are."""
+    Objects already in ``memo`` (by id) are used as they are.  A standard torch.nn layer without children or
+    hooks is copied directly (its attribute dict, its tensors through ``copy.deepcopy``): the same copy, in
+    a third of the time of deepcopy's generic reconstruction."""
     memo = {} if memo is None else memo
     modules = obj.values() if isinstance(obj, dict) else [obj]
     for root in modules:
@@ -308,6 +314,36 @@ def safe_deepcopy(obj, memo: dict | None = None):
             for v in vars(m).values():
                 if isinstance(v, torch.Tensor) and not v.is_leaf:
                     memo[id(v)] = v.detach().clone()
+            if not m._modules and id(m) not in memo:
+                _copy_layer(m, memo)
     return copy.deepcopy(obj, memo)
+
+
+_IMMUTABLE = {int, float, bool, str, type(None), torch.dtype, torch.device, torch.Size, torch.memory_format,
+              torch.layout}
+
+
+def _copy_layer(m: nn.Module, memo: dict) -> None:
+    """Put a copy of ``m`` in ``memo`` when it is a standard layer holding only numbers, strings, empty hook
+    dicts, parameters and buffers (anything else is left to ``copy.deepcopy``)."""
+    cls = type(m)
+    if not cls.__module__.startswith("torch.nn.modules.") or "__deepcopy__" in vars(cls):
+        return
+    state = {}
+    for k, v in m.__dict__.items():
+        kind = type(v)
+        if k == "_parameters" or k == "_buffers":
+            state[k] = {n: None if t is None else copy.deepcopy(t, memo) for n, t in v.items()}
+        elif kind in _IMMUTABLE or (kind is tuple and all(type(x) in _IMMUTABLE for x in v)):
+            state[k] = v
+        elif kind in (dict, collections.OrderedDict, set, list) and not v:
+            state[k] = kind()
+        elif kind is set and all(type(x) is str for x in v):
+            state[k] = set(v)
+        else:
+            return
+    new = object.__new__(cls)
+    object.__setattr__(new, "__dict__", state)
+    memo[id(m)] = new
 
 

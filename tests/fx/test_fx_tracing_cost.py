@@ -327,3 +327,26 @@ def test_rank_checks_stay_unless_implied_by_what_runs_before() -> None:
             raise RuntimeError("a batch of one ran")
         except AssertionError as err:
             assert "a batch of one" in str(err)
+
+
+def test_the_direct_copy_of_standard_layers_is_a_deepcopy() -> None:
+    from reparam.fx.tracing import safe_deepcopy
+
+    model = nn.Sequential(conv_bn(C, C, 3), nn.ReLU(), nn.Upsample(scale_factor=2.0), nn.Flatten(1),
+                          nn.Linear(C * 64, 3)).eval()
+    model[0][0].weight.requires_grad_(False)
+    holder = nn.Module()
+    holder.net, holder.tied = model, model[4]  # one layer under two names
+    copy_ = safe_deepcopy(holder).net
+    x = x_of(2, C, 4, 4)
+    torch.testing.assert_close(copy_(x), model(x), rtol=0, atol=0)
+    for (name, a), (_, b) in zip(model.named_modules(), copy_.named_modules()):
+        assert type(a) is type(b) and a is not b, name
+        assert {k: v for k, v in vars(a).items() if k not in ("_parameters", "_buffers", "_modules")} == {
+            k: v for k, v in vars(b).items() if k not in ("_parameters", "_buffers", "_modules")}, name
+        for (pn, p), (_, q) in zip(a.named_parameters(recurse=False), b.named_parameters(recurse=False)):
+            assert torch.equal(p, q) and p.data_ptr() != q.data_ptr() and p.requires_grad == q.requires_grad, pn
+    both = safe_deepcopy(holder)
+    assert both.tied is both.net[4]  # sharing kept
+    copy_[1].register_forward_hook(lambda *_: None)
+    assert not model[1]._forward_hooks  # hook dicts are the copy's own
