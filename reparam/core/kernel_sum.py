@@ -11,10 +11,10 @@ they may be views of the caller's tensors.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from math import prod  # (bound here: fx may patch the math module while a fusion traces)
 
 import numpy as np
 
@@ -142,7 +142,7 @@ class _Blocks:
         if main is not None and rest:
             box = tuple(slice(min(w[d].start for _, w in rest), max(w[d].stop for _, w in rest))
                         for d in range(2, out.ndim))
-            if math.prod(b.stop - b.start for b in box) < math.prod(out.shape[2:]):
+            if prod(b.stop - b.start for b in box) < prod(out.shape[2:]):
                 self.box = box
                 self.rest = [(p, (*where[:2], *(slice(w.start - b.start, w.stop - b.start, w.step)
                                                 for w, b in zip(where[2:], box)))) for p, where in rest]
@@ -162,7 +162,7 @@ class _Blocks:
         out, main = self.out, self.main
         if main is not None and not self.rest and main.conv.groups == self.groups:
             return self._scaled_rows(r0, r1, dest)
-        per = math.prod(out.shape[1:])
+        per = prod(out.shape[1:])
         step = max(1, min(r1 - r0, max(8, _BLOCK // max(per, 1))))
         buf = np.empty((step,) + out.shape[1:])
         if self.box is not None:
@@ -198,7 +198,7 @@ class _Blocks:
         float64 buffer is needed: the same values as the general path, with one pass over memory."""
         w, scale, out = self.main.conv.weight, self.main.scale, self.out
         scale = None if scale is None else np.asarray(scale, dtype=np.float64)
-        per = max(1, math.prod(out.shape[1:]))
+        per = max(1, prod(out.shape[1:]))
         step = max(1, _BLOCK // per)
         finite = True
         with np.errstate(over="ignore", invalid="ignore"):

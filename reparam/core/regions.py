@@ -13,9 +13,9 @@ materialized and the step is retried on them, so a refusal only ever keeps the o
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from math import prod  # (bound here: fx may patch the math module while a fusion traces)
 from typing import Any
 
 import numpy as np
@@ -322,7 +322,7 @@ class _Planner:
         # a pool or pad is priced as the depthwise conv it becomes, so merging one into a conv that covers its
         # window costs nothing extra; that it never becomes a conv of its own is the region's conv count
         own_cost = macs_per_output(b)
-        before = _value_cost(v) * float(math.prod(b.stride)) + own_cost
+        before = _value_cost(v) * float(prod(b.stride)) + own_cost
         priced = {s: geo if t.is_unit else compose(t.geometry, geo, weights=False) for s, t in v.terms.items()}
         stored = sum(_weights(t) for t in v.terms.values()) + (b.weight.size if key is not None else 0)
         composed = sum(t.weight.size for s, t in priced.items() if not v.terms[s].is_unit or key is not None)
@@ -352,7 +352,7 @@ class _Planner:
             pushed = np.einsum("goc,gc->go", ksum.reshape(g, -1, ksum.shape[1]), v.bias.reshape(g, -1))
             bias = pushed.reshape(-1) + (0 if bias is None else bias)
         out = _Value(terms, bias, b.out_channels, b.ndim, v.priced or only_priced, v.convs + (key is not None))
-        self.op_cost[self.current] = (float(own_cost), float(math.prod(b.stride)))
+        self.op_cost[self.current] = (float(own_cost), float(prod(b.stride)))
         return out
 
     def _own_kernel(self, b: Conv, key: str | None) -> KernelSum:

@@ -12,6 +12,7 @@ from ..core.errors import ReparamError
 from ..torch_ops import is_exported_module
 from .build import Build, Options, build
 from .checks import checked_build, max_rel
+from .patching import tracing_session
 from .report import FuseReport
 from .tracing import eval_mode, safe_deepcopy
 
@@ -90,7 +91,7 @@ def fuse(model: nn.Module, example_inputs: Any = None, *, inplace: bool = False,
     _refuse_wrappers(model)
     inputs = _as_tuple(example_inputs)
     params = _count_params(model)
-    with eval_mode(model, keep=inplace):
+    with eval_mode(model, keep=inplace), tracing_session():  # (one set of fx's patches for all the builds)
         stay_training = set() if is_exported_module(model) else {n for n, m in model.named_modules() if m.training}
         if inputs:
             b, ref, out, counts = checked_build(model, inputs, allow_costlier)

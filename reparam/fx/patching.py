@@ -8,10 +8,12 @@ child of an untraceable parent on its own (a YOLO model: about 60 traces), so th
 :func:`tracing_session` patches the two methods once.  Its wrappers hand each call to the
 :class:`~reparam.fx.tracing.ReparamTracer` tracing in this thread (see :func:`tracing`), or to the original
 when none is, and they carry fx's "already patched" mark, so each ``trace`` inside the session leaves them
-as they are.  The functions fx wraps (``math``'s, those registered with ``torch.fx.wrap``) are still patched
-by each trace for its own duration (patched for a whole build, every ``math.prod`` of the planner would
-search its arguments for proxies), but with one wrapper per function, made once; fx's spelling of node
-names from their targets is cached.  When this torch's fx lacks a private name used here, the session does
+as they are.  ``math``'s functions, which fx wraps so that ``math.sqrt(x.size(1))`` records a node, are
+patched once for the session too (reparam's own code binds ``prod`` at import, so the planner's calls do
+not go through the wrappers), and so are the functions registered with ``torch.fx.wrap`` (torchvision's
+ops, timm's helpers: some fifty with those loaded), each trace's own patching of them turned off; a
+wrapper called without a proxy calls its function.  fx's spelling of node names from their targets is
+cached.  When this torch's fx lacks a private name used here, the session does
 nothing and every trace patches for itself, as before.  While a session is open, an fx trace started by
 other code (in another thread) would find the two methods already patched and not record module calls; fx's
 patches are process-wide, so concurrent fx traces interfere without reparam too.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -31,12 +34,19 @@ _fx = fx._symbolic_trace
 _graph = fx.graph
 _NEEDED = ("_Patcher", "_autowrap_check", "_create_wrapped_func", "CURRENT_PATCHER")
 _MARK = "__fx_already_patched"
+_WRAPPERS: dict[tuple[Any, Any], Any] = {}  # (fx's wrapper maker, a function fx wraps) -> the wrapper
 _state = threading.local()  # .tracer: the ReparamTracer tracing in this thread; .active: a session is open
 
 
 def fx_tracing() -> bool:
     """An fx trace is under way (its patcher is current)."""
     return getattr(_fx, "CURRENT_PATCHER", None) is not None
+
+
+def autowrap_ids(ids: set[int]) -> set[int]:
+    """The ids of the functions a tracer autowraps: inside a session, ``math``'s own functions (fx reads them
+    off the math module, where the session's wrappers now are), else ``ids`` as fx found them."""
+    return getattr(_state, "math_ids", None) or ids if getattr(_state, "active", False) else ids
 
 
 def current_tracer() -> Any:
@@ -83,7 +93,7 @@ def tracing_session() -> Iterator[None]:
             return call(mod, *a, **k)
         return tracer.call_module(mod, forward, args, kwargs)
 
-    wrap, wrappers = _fx._create_wrapped_func, {}
+    wrap = _fx._create_wrapped_func
     scanned: dict[int, tuple[set[int], list[str]]] = {}  # id of a globals dict -> (function ids, names found)
 
     def autowrap(patcher: Any, frame_dict: dict[str, Any], function_ids: set[int]) -> None:
@@ -100,10 +110,11 @@ def tracing_session() -> Iterator[None]:
             if k in frame_dict and id(frame_dict[k]) in function_ids:  # (still what was found)
                 patcher.patch(frame_dict, k, wrapped_once(frame_dict[k]))
 
-    def wrapped_once(fn: Any) -> Any:  # the same wrapper each trace, not a new functools.wraps copy
-        if fn not in wrappers:
-            wrappers[fn] = wrap(fn)
-        return wrappers[fn]
+    def wrapped_once(fn: Any) -> Any:  # the same wrapper each trace and session, not a new functools.wraps copy
+        key = (wrap, fn)
+        if key not in _WRAPPERS:
+            _WRAPPERS[key] = wrap(fn)
+        return _WRAPPERS[key]
 
     with _fx._Patcher() as patcher:
         patcher.patch_method(nn.Module, "__getattr__", module_getattr)
@@ -111,10 +122,17 @@ def tracing_session() -> Iterator[None]:
         for p in patcher.patches_made:  # the mark fx looks for (its own sets a name-mangled one, never found)
             setattr(p.new_fn, _MARK, True)
         patcher.patch(vars(_fx), "_create_wrapped_func", wrapped_once)
+        math_fns = {name: fn for name, fn in vars(math).items() if not name.startswith("_") and callable(fn)}
+        _state.math_ids = {id(fn) for fn in math_fns.values()}  # what a tracer made now must look for
+        for name, fn in math_fns.items():  # fx's autowrapped module, patched by each trace otherwise
+            patcher.patch(vars(math), name, wrapped_once(fn))
+        if callable(getattr(_fx, "_patch_wrapped_functions", None)):  # those registered with fx.wrap, likewise
+            _fx._patch_wrapped_functions(patcher)
+            patcher.patch(vars(_fx), "_patch_wrapped_functions", lambda _patcher: None)
         if callable(getattr(_graph, "_snake_case", None)):  # a node's name from its target: a regex each node
             patcher.patch(vars(_graph), "_snake_case", functools.lru_cache(maxsize=None)(_graph._snake_case))
         _state.active = True
         try:
             yield
         finally:
-            _state.active = False
+            _state.active, _state.math_ids = False, None

@@ -17,7 +17,7 @@ import torch
 from torch import fx, nn
 
 from ..torch_ops import _BNS, _CONV_TRANSPOSES, _CONVS, _PADS, _POOLS, is_exported_module, is_no_op, plain_forward
-from .patching import tracing
+from .patching import autowrap_ids, tracing
 from .workspace import Workspace
 
 
@@ -87,6 +87,7 @@ class ReparamTracer(fx.Tracer):
 
     def __init__(self) -> None:
         super().__init__()
+        self._autowrap_function_ids = autowrap_ids(self._autowrap_function_ids)  # (math's, not the wrappers)
         self.module_stack = _Stack()  # fx copies it into every node's meta
         self.opaque: dict[str, str] = {}  # module path -> why its forward could not be traced
         self.elided: list[tuple[str, str]] = []  # (module path, class name) of each no-op call left out
@@ -310,13 +311,28 @@ def safe_deepcopy(obj, memo: dict | None = None):
     for root in modules:
         if not isinstance(root, nn.Module):
             continue
-        for m in root.modules():
+        for m in _to_copy(root, memo):
             for v in vars(m).values():
                 if isinstance(v, torch.Tensor) and not v.is_leaf:
                     memo[id(v)] = v.detach().clone()
-            if not m._modules and id(m) not in memo:
+            if not m._modules:
                 _copy_layer(m, memo)
     return copy.deepcopy(obj, memo)
+
+
+def _to_copy(root: nn.Module, memo: dict) -> list[nn.Module]:
+    """The modules of ``root`` a deepcopy through ``memo`` reaches: not those under one already in it (a
+    replaced child), each once."""
+    seen: set[int] = set()
+    out, stack = [], [root]
+    while stack:
+        m = stack.pop()
+        if id(m) in memo or id(m) in seen:
+            continue
+        seen.add(id(m))
+        out.append(m)
+        stack.extend(c for c in m._modules.values() if c is not None)
+    return out
 
 
 _IMMUTABLE = {int, float, bool, str, type(None), torch.dtype, torch.device, torch.Size, torch.memory_format,

@@ -3,6 +3,9 @@ iteration decoded once per code object, single-op children left untraced (issue 
 
 from __future__ import annotations
 
+import math
+from math import sqrt
+
 import torch
 import torch.fx._symbolic_trace as fx_internals
 import torch.nn.functional as F
@@ -350,3 +353,29 @@ def test_the_direct_copy_of_standard_layers_is_a_deepcopy() -> None:
     assert both.tied is both.net[4]  # sharing kept
     copy_[1].register_forward_hook(lambda *_: None)
     assert not model[1]._forward_hooks  # hook dicts are the copy's own
+
+
+class UsesMath(nn.Module):
+    """``math`` on traced sizes, through the module and a name imported from it (fx records both)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = conv_bn(C, C, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        return y * math.sqrt(y.size(1)) / sqrt(y.size(2))
+
+
+def test_math_calls_are_recorded_with_math_functions_as_targets() -> None:
+    model = nn.Sequential(UsesMath(), UsesMath()).eval()
+    plain = trace(model)
+    with tracing_session():
+        inside = [trace(model) for _ in range(2)]
+        assert math.sqrt(4.0) == 2.0  # called outside a trace, the wrapper computes
+    for ws in inside:
+        assert _signature(ws.graph) == _signature(plain.graph)
+        targets = [n.target for n in ws.graph.nodes if n.op == "call_function"]
+        assert targets.count(math.sqrt) == 4, targets  # the functions themselves, not session wrappers
+    fused, _ = fuse_checked(model, x_of(2, C, 6, 6), example=False)
+    assert ops(fused, x_of(2, C, 6, 6))["batch_norm"] == 0
