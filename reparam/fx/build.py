@@ -52,7 +52,6 @@ class Build:
     report: FuseReport
     levels: list[Level] = field(default_factory=list)
     replaced: list[str] = field(default_factory=list)  # submodule paths replaced inside an untraced parent
-    memo: dict | None = None  # the deepcopy memo of the model's copies (None: a build in place)
     undone: dict[str, str] = field(default_factory=dict)  # part id -> why it was left out
 
     def part_ids(self) -> list[str]:
@@ -83,21 +82,21 @@ def build(model: nn.Module, opts: Options, *, copy_model: bool = True) -> Build:
 
 def _build(model: nn.Module, opts: Options, copy_model: bool) -> Build:
     rep = FuseReport()
-    copying = copy_model and not opts.trace_only
-    out = Build(model, rep, undone=dict(opts.undone), memo={} if copying else None)
+    memo = {} if copy_model and not opts.trace_only else None  # the deepcopy memo of the model's copies
+    out = Build(model, rep, undone=dict(opts.undone))
     rep.undone = [(pid, why) for pid, why in opts.undone.items()]
     ws = None if TRACE in opts.skip else _try_trace(model, "", rep, opts.traces)
     if ws is None:
         rep.counts_before = static_counts(model)
-        out.module = _swapped(model, _fuse_children(model, "", opts, out), out.memo)
+        out.module = _swapped(model, _fuse_children(model, "", opts, out, memo), memo)
         rep.counted_on = "module structure (adds only inside traced parts)"
     else:
         rep.counts_before = graph_counts(ws.graph, ws.attr)
-        fused = _fuse_traced(ws, "", opts, out, copy_originals=copying)
+        fused = _fuse_traced(ws, "", opts, out, memo)
         if fused is not None:
             out.module = fused
         else:
-            out.module = safe_deepcopy(model, out.memo) if copying else model
+            out.module = model if memo is None else safe_deepcopy(model, memo)
     rep.counts_after = static_counts(out.module)
     return out
 
@@ -136,12 +135,12 @@ def _try_trace(module: nn.Module, path: str, rep: FuseReport, cache: dict | None
     return found
 
 
-def _fuse_children(module: nn.Module, prefix: str, opts: Options, out: Build, why: str | None = None
-                   ) -> list[Swap]:
+def _fuse_children(module: nn.Module, prefix: str, opts: Options, out: Build, memo: dict | None,
+                   why: str | None = None) -> list[Swap]:
     """Fuse each child of an untraceable module (nothing is changed: the replacements are returned, for
     :func:`_swapped`); ``why`` says why the children of ``module`` are fused one by one when it is not that
-    its forward cannot be traced.  The replacements hold copies (through ``out.memo``) of what they keep of
-    the model, unless the build is in place."""
+    its forward cannot be traced.  The replacements hold copies (through ``memo``) of what they keep of the
+    model; with no memo (a build in place), the model's own modules."""
     why = why or f"it is called by {type(module).__name__}'s own code, which fx cannot trace"
     swaps: list[Swap] = []
     for name, child in list(module.named_children()):
@@ -159,16 +158,16 @@ def _fuse_children(module: nn.Module, prefix: str, opts: Options, out: Build, wh
         ws = None if path + TRACE in opts.skip or inside or alone else _try_trace(child, path, out.report, opts.traces)
         if ws is None:
             if any(True for _ in child.children()):
-                swaps += _fuse_children(child, path + ".", opts, out, None if not inside else (
+                swaps += _fuse_children(child, path + ".", opts, out, memo, None if not inside else (
                     f"{type(module).__name__}'s code reaches inside {path} ({type(child).__name__}), which is "
                     "therefore kept as it is and its children fused one by one"))
             elif isinstance(child, _BNS) and not opts.trace_only:
                 out.report.leftovers.append(Leftover(
                     path, type(child).__name__, f"{why}, so no conv is next to it in a traced graph", "untraced"))
             continue
-        fused = _fuse_traced(ws, path + ".", opts, out, copy_originals=out.memo is not None)
+        fused = _fuse_traced(ws, path + ".", opts, out, memo)
         if fused is not None:
-            swaps.append((module, name, child, keep_face(child, fused, out.memo)))
+            swaps.append((module, name, child, keep_face(child, fused, memo)))
             out.replaced.append(path)
     return swaps
 
@@ -181,15 +180,17 @@ def _single_op(m: nn.Module) -> bool:
     return torch_base(m) is not nn.Module and plain_forward(m)
 
 
-def _fuse_traced(ws: Workspace, prefix: str, opts: Options, out: Build, copy_originals: bool
+def _fuse_traced(ws: Workspace, prefix: str, opts: Options, out: Build, memo: dict | None
                  ) -> fx.GraphModule | None:
-    """Fuse one traced graph; None when nothing changed (the caller keeps the original module)."""
+    """Fuse one traced graph; None when nothing changed (the caller keeps the original module).  The result
+    holds copies, made through ``memo``, of the model's modules and tensors it uses (with no memo: those
+    themselves)."""
     rep = out.report
     for path, why in ws.opaque.items():
         rep.skipped.append((prefix + path, f"called whole: its forward cannot be traced ({why})"))
     path = prefix[:-1]
     if opts.trace_only:  # find the levels below this one too
-        _fuse_opaque_leaves(ws, prefix, opts, out, Rewrite(skip=opts.skip))
+        _fuse_opaque_leaves(ws, prefix, opts, out, Rewrite(skip=opts.skip), memo)
         out.levels.append(Level(path, None, []))
         return None
     if path in opts.inputs:
@@ -201,7 +202,7 @@ def _fuse_traced(ws: Workspace, prefix: str, opts: Options, out: Build, copy_ori
     removed = len(rep.removed)
     dropped = drop_identities(ws, rep, prefix)  # not a change of its own: alone, it is not worth a new module
     checks = drop_implied_checks(ws)  # (nor is this)
-    changed = _fuse_opaque_leaves(ws, prefix, opts, out, rw)
+    changed = _fuse_opaque_leaves(ws, prefix, opts, out, rw, memo)
     fold_constants(ws)
     changed += store_constants(ws, rep, rw, prefix)
     ranks = infer_ranks(ws)
@@ -222,10 +223,10 @@ def _fuse_traced(ws: Workspace, prefix: str, opts: Options, out: Build, copy_ori
     reorder(ws.graph)
     ws.graph.lint()
     gm = ws.graph_module()
-    if copy_originals:
-        _copy_originals(gm, rw, out.memo)
+    if memo is not None:
+        _copy_originals(gm, rw, memo)
     if not prefix:
-        carry_attributes(ws.root, gm, out.memo)
+        carry_attributes(ws.root, gm, memo)
     return gm
 
 
@@ -245,23 +246,22 @@ def _runnable_copy(ws: Workspace) -> tuple[fx.Graph, dict[str, Any]]:
     return graph, targets(graph, ws.attr)
 
 
-def _fuse_opaque_leaves(ws: Workspace, prefix: str, opts: Options, out: Build, rw: Rewrite) -> int:
+def _fuse_opaque_leaves(ws: Workspace, prefix: str, opts: Options, out: Build, rw: Rewrite, memo: dict | None
+                        ) -> int:
     """A submodule called whole because its forward cannot be traced still has children that may trace:
-    fuse those (in a copy of the submodule) and call the copy instead."""
+    fuse those (in a copy of the submodule, made through ``memo`` or, in place, a memo of its own) and call
+    the copy instead."""
     done = 0
     for path in ws.opaque:
         m = ws.get_submodule(path)
         if path in ws.added or not any(True for _ in m.children()) or prefix + path + MODULE in opts.skip or (
                 not opts.allow_costlier and all(_single_op(c) for c in m.children())):  # nothing can change inside
             continue
-        memo, out.memo = out.memo, ({} if out.memo is None else out.memo)  # the copy is the submodule's own
-        try:
-            swaps = _fuse_children(m, prefix + path + ".", opts, out)
-            if opts.trace_only or not swaps:  # (finding levels changes nothing)
-                continue
-            copy_ = _swapped(m, swaps, out.memo)
-        finally:
-            out.memo = memo
+        own = {} if memo is None else memo
+        swaps = _fuse_children(m, prefix + path + ".", opts, out, own)
+        if opts.trace_only or not swaps:  # (finding levels changes nothing)
+            continue
+        copy_ = _swapped(m, swaps, own)
         ws.add_submodule(path, copy_)
         rw.modules[path] = copy_
         out.replaced.append(prefix + path)

@@ -203,28 +203,27 @@ def drop_implied_checks(ws: Workspace) -> int:
             fact = _rank_check(node.args[0])
             if fact is not None and r.get(fact[0]) == fact[1]:
                 cond = node.args[0]
-                reads = [cond, *cond.all_input_nodes]  # the comparison, then the rank read
                 ws.graph.erase_node(node)
-                for n in reads:
-                    if not n.users and n.op in ("call_function", "call_method"):
-                        ws.graph.erase_node(n)
+                if not cond.users:  # (its rank read goes with the unread reads below)
+                    ws.graph.erase_node(cond)
                 dropped += 1
                 continue
         _rank_facts(node, ws, r, shapes=False)
-    for node in reversed(nodes):  # reads left without a reader (the rank a check's message was formatted with)
-        if not node.users and not node._erased and _unused_read(node):
+    for node in reversed(nodes):  # reads left without a reader (also the rank a check's message was formatted
+        if not node.users and _metadata_read(node):  # with); an erased check or comparison is neither
             ws.graph.erase_node(node)
     return dropped
 
 
-def _unused_read(node: fx.Node) -> bool:
+def _metadata_read(node: fx.Node) -> bool:
     """A read of a value's metadata (``getattr(x, "ndim")``, ``x.dim()``, ``x.size()``): pure, so it goes when
     nothing reads it."""
     if node.op == "call_function" and node.target is getattr:
-        return len(node.args) == 2 and node.args[1] in _RANK_ATTRS | _SHAPE_ATTRS
+        return len(node.args) == 2 and node.args[1] in _METADATA_ATTRS
     return node.op == "call_method" and node.target in ("dim", "ndimension", "size")
 
 
+_METADATA_ATTRS = _RANK_ATTRS | _SHAPE_ATTRS
 _RANK_CHANGING_INPLACE = {"unsqueeze_", "squeeze_", "resize_", "resize_as_", "as_strided_", "set_", "t_",
                           "transpose_", "swapdims_", "swapaxes_"}
 

@@ -335,8 +335,7 @@ def _to_copy(root: nn.Module, memo: dict) -> list[nn.Module]:
     return out
 
 
-_IMMUTABLE = {int, float, bool, str, type(None), torch.dtype, torch.device, torch.Size, torch.memory_format,
-              torch.layout}
+_IMMUTABLE = _PLAIN | {torch.Size}
 
 
 def _copy_layer(m: nn.Module, memo: dict) -> None:
