@@ -154,11 +154,14 @@ def _fuse_children(module: nn.Module, prefix: str, opts: Options, out: Build, me
         # a child the untraced code reaches into (iterates, indexes, reads a submodule of) is fused inside,
         # never replaced: YOLO's parents loop over `self.model`, which a GraphModule cannot take
         inside = reads_inside(module, name, child)
-        alone = _single_op(child) and not opts.allow_costlier  # traced on its own, nothing would change
-        ws = None if path + TRACE in opts.skip or inside or alone else _try_trace(child, path, out.report, opts.traces)
+        # traced on its own, nothing would change: one standard layer, or no weights at all (a concat)
+        alone = not opts.allow_costlier and (_single_op(child) or _weightless(child))
+        held = type(child).forward is nn.Module.forward  # a container never called itself (ModuleList, ModuleDict)
+        ws = None if path + TRACE in opts.skip or inside or alone or held else _try_trace(
+            child, path, out.report, opts.traces)
         if ws is None:
             if any(True for _ in child.children()):
-                swaps += _fuse_children(child, path + ".", opts, out, memo, None if not inside else (
+                swaps += _fuse_children(child, path + ".", opts, out, memo, why if held else None if not inside else (
                     f"{type(module).__name__}'s code reaches inside {path} ({type(child).__name__}), which is "
                     "therefore kept as it is and its children fused one by one"))
             elif isinstance(child, _BNS) and not opts.trace_only:
@@ -178,6 +181,12 @@ def _single_op(m: nn.Module) -> bool:
     if m._modules or m._forward_hooks or m._forward_pre_hooks or m.training:
         return False
     return torch_base(m) is not nn.Module and plain_forward(m)
+
+
+def _weightless(m: nn.Module) -> bool:
+    """``m`` and its submodules hold no parameter or buffer: no fusion has anything to fold (only a costlier
+    one could turn a pool into a conv)."""
+    return not any(True for _ in m.parameters()) and not any(True for _ in m.buffers())
 
 
 def _fuse_traced(ws: Workspace, prefix: str, opts: Options, out: Build, memo: dict | None

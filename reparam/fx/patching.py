@@ -12,11 +12,12 @@ as they are.  ``math``'s functions, which fx wraps so that ``math.sqrt(x.size(1)
 patched once for the session too (reparam's own code binds ``prod`` at import, so the planner's calls do
 not go through the wrappers), and so are the functions registered with ``torch.fx.wrap`` (torchvision's
 ops, timm's helpers: some fifty with those loaded), each trace's own patching of them turned off; a
-wrapper called without a proxy calls its function.  fx's spelling of node names from their targets is
-cached.  When this torch's fx lacks a private name used here, the session does
-nothing and every trace patches for itself, as before.  While a session is open, an fx trace started by
-other code (in another thread) would find the two methods already patched and not record module calls; fx's
-patches are process-wide, so concurrent fx traces interfere without reparam too.
+wrapper called without a proxy calls its function.  Each module's globals are searched for math's
+functions once per session, not once per trace (fx's search of the traced forward's globals included), and
+fx's spelling of node names from their targets is cached.  When this torch's fx lacks a private name used
+here, the session does nothing and every trace patches for itself, as before.  While a session is open, an fx
+trace started by other code (in another thread) would find the two methods already patched and not record
+module calls; fx's patches are process-wide, so concurrent fx traces interfere without reparam too.
 """
 
 from __future__ import annotations
@@ -43,10 +44,10 @@ def fx_tracing() -> bool:
     return getattr(_fx, "CURRENT_PATCHER", None) is not None
 
 
-def autowrap_ids(ids: set[int]) -> set[int]:
-    """The ids of the functions a tracer autowraps: inside a session, ``math``'s own functions (fx reads them
-    off the math module, where the session's wrappers now are), else ``ids`` as fx found them."""
-    return getattr(_state, "math_ids", None) or ids if getattr(_state, "active", False) else ids
+def session_math_ids() -> set[int] | None:
+    """Inside a session, the ids of ``math``'s own functions, which a tracer autowraps (fx would read them off
+    the math module, where the session's wrappers now are, and scan that module again each trace); else None."""
+    return getattr(_state, "math_ids", None) if getattr(_state, "active", False) else None
 
 
 def current_tracer() -> Any:
@@ -122,6 +123,7 @@ def tracing_session() -> Iterator[None]:
         for p in patcher.patches_made:  # the mark fx looks for (its own sets a name-mangled one, never found)
             setattr(p.new_fn, _MARK, True)
         patcher.patch(vars(_fx), "_create_wrapped_func", wrapped_once)
+        patcher.patch(vars(_fx), "_autowrap_check", autowrap)  # (fx's check of the root forward's globals)
         math_fns = {name: fn for name, fn in vars(math).items() if not name.startswith("_") and callable(fn)}
         _state.math_ids = {id(fn) for fn in math_fns.values()}  # what a tracer made now must look for
         for name, fn in math_fns.items():  # fx's autowrapped module, patched by each trace otherwise

@@ -9,6 +9,7 @@ import copy
 import dis
 import functools
 import inspect
+import math
 import operator
 from collections.abc import Iterator
 from types import CodeType
@@ -17,13 +18,15 @@ import torch
 from torch import fx, nn
 
 from ..torch_ops import _BNS, _CONV_TRANSPOSES, _CONVS, _PADS, _POOLS, is_exported_module, is_no_op, plain_forward
-from .patching import autowrap_ids, tracing
+from .patching import session_math_ids, tracing
 from .workspace import Workspace
 
 
-class _InplaceProxy(fx.Proxy):
-    """Records ``y += b`` as ``operator.iadd`` so the traced graph keeps the in-place update (and aliases see it);
-    plain fx falls back to ``y = y + b`` there, which changes what other references to ``y`` read."""
+class _Behaviour:
+    """What the proxies of a reparam trace do differently from fx's (mixed into its Proxy and Attribute).
+
+    ``y += b`` is recorded as ``operator.iadd`` so the traced graph keeps the in-place update (and aliases see
+    it); plain fx falls back to ``y = y + b`` there, which changes what other references to ``y`` read."""
 
     def __iadd__(self, other):
         return self.tracer.create_proxy("call_function", operator.iadd, (self, other), {})
@@ -37,6 +40,15 @@ class _InplaceProxy(fx.Proxy):
     def __itruediv__(self, other):
         return self.tracer.create_proxy("call_function", operator.itruediv, (self, other), {})
 
+    def __getattr__(self, k: str) -> fx.Proxy:
+        return _Attribute(self, k)  # (``x.shape`` is one: ``b, c, h, w = x.shape`` iterates it)
+
+    def __len__(self) -> int:
+        """The number of pieces of a split that the graph decides (see :meth:`ReparamTracer.iter`); fx's
+        error otherwise."""
+        count = _piece_count(self.node, self.tracer.root)
+        return super().__len__() if count is None else count
+
     def __iter__(self):
         """As fx's: ``a, b = proxy`` gives that many items, any other iteration fails; the calling code's
         instructions are decoded once per code object instead of on every call."""
@@ -47,6 +59,14 @@ class _InplaceProxy(fx.Proxy):
         if count is not None:
             return (self[i] for i in range(count))
         return self.tracer.iter(self)
+
+
+class _InplaceProxy(_Behaviour, fx.Proxy):
+    """A traced value."""
+
+
+class _Attribute(_Behaviour, fx.proxy.Attribute):
+    """An attribute of a traced value (a node only once used as a value: ``x.size(1)`` is one method call)."""
 
 
 @functools.lru_cache(maxsize=4096)
@@ -86,8 +106,10 @@ class ReparamTracer(fx.Tracer):
     _LEAVES = (*_CONVS, *_CONV_TRANSPOSES, *_POOLS, *_PADS, nn.Linear)
 
     def __init__(self) -> None:
-        super().__init__()
-        self._autowrap_function_ids = autowrap_ids(self._autowrap_function_ids)  # (math's, not the wrappers)
+        math_ids = session_math_ids()  # in a session, math is patched already: nothing to scan for each trace
+        super().__init__(autowrap_modules=(math,) if math_ids is None else ())
+        if math_ids is not None:
+            self._autowrap_function_ids = math_ids
         self.module_stack = _Stack()  # fx copies it into every node's meta
         self.opaque: dict[str, str] = {}  # module path -> why its forward could not be traced
         self.elided: list[tuple[str, str]] = []  # (module path, class name) of each no-op call left out
@@ -136,6 +158,16 @@ class ReparamTracer(fx.Tracer):
                 return self.create_node("get_attr", name, (), {})
         return super().create_arg(a)
 
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:
+        """fx's, with the arguments set after the node is made: ``Graph.create_node`` walks them (a pytree
+        traversal, a tenth of the cost of a traced node) for symbolic ints, which a symbolic trace never has."""
+        node = super().create_node(kind, target, (), {}, name, type_expr)
+        if args:
+            node.args = args
+        if kwargs:
+            node.kwargs = kwargs
+        return node
+
     def getattr(self, attr: str, attr_val, parameter_proxy_cache: dict):
         """fx's lookup of a parameter or buffer read in a traced forward, by identity in a table made once:
         fx searches ``named_parameters()`` on every read, quadratic in the size of a model whose BN layers
@@ -148,6 +180,15 @@ class ReparamTracer(fx.Tracer):
         if name not in parameter_proxy_cache:
             parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
         return parameter_proxy_cache[name]
+
+    def iter(self, obj: fx.Proxy) -> Iterator:
+        """fx refuses to iterate a traced value; a split whose number of pieces follows from the graph
+        (``list(conv_bn(x).chunk(2, 1))`` in YOLO's C2f blocks) gives that many pieces, so such a block is
+        traced whole instead of failing and being fused child by child."""
+        count = _piece_count(obj.node, self.root)
+        if count is None:
+            return super().iter(obj)
+        return iter([obj[i] for i in range(count)])
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.opaque:
@@ -180,6 +221,79 @@ class ReparamTracer(fx.Tracer):
             self.module_stack.update(stack)
             self.opaque[qualname] = brief(err)
             return super().call_module(m, forward, args, kwargs)
+
+
+def _piece_count(node: fx.Node, root: nn.Module) -> int | None:
+    """How many tensors ``node`` (a ``split``/``chunk``/``unbind``) gives, when the graph decides it: a list of
+    sizes, or a split along dim 1 of a value whose channel count a BN fixes (a BN also fixes that dim 1 is
+    its channels).  None otherwise."""
+    if node.op == "call_method":
+        name = node.target
+    elif node.op == "call_function" and node.target in (torch.split, torch.chunk, torch.unbind):
+        name = node.target.__name__
+    else:
+        return None
+    if name not in ("split", "chunk", "unbind") or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    kw = node.kwargs
+    dim = node.args[1 if name == "unbind" else 2] if len(node.args) > (1 if name == "unbind" else 2) \
+        else kw.get("dim", 0)
+    if name == "unbind":
+        size = None
+    else:
+        size = node.args[1] if len(node.args) > 1 else kw.get("chunks" if name == "chunk" else "split_size",
+                                                                 kw.get("split_size_or_sections"))
+        if name == "split" and isinstance(size, (list, tuple)) and all(type(k) is int for k in size):
+            return len(size)
+        if type(size) is not int or size < 1:
+            return None
+    channels = _bn_channels(node.args[0], root) if dim == 1 else None
+    if not channels:
+        return None
+    if name == "unbind":
+        return channels
+    per = -(-channels // size) if name == "chunk" else size  # a chunk's size, rounded up as torch does
+    return -(-channels // per)
+
+
+_CHANNEL_KEEPING = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
+                    nn.LeakyReLU, nn.ELU, nn.Mish, nn.Identity, nn.Dropout)
+
+
+def _bn_channels(node: fx.Node, root: nn.Module) -> int | None:
+    """The channel count of ``node`` when it is a BN's output, possibly through activations."""
+    for _ in range(8):
+        if node.op == "call_module":
+            m = _stored(root, node.target)
+            if isinstance(m, _BNS):
+                return m.num_features
+            if not isinstance(m, _CHANNEL_KEEPING) or len(node.args) != 1:
+                return None
+        elif node.op == "call_function" and node.target is torch.nn.functional.batch_norm:
+            stats = node.args[1] if len(node.args) > 1 else node.kwargs.get("running_mean")
+            t = _stored(root, stats.target) if isinstance(stats, fx.Node) and stats.op == "get_attr" else None
+            return t.numel() if isinstance(t, torch.Tensor) and t.ndim == 1 else None
+        else:
+            return None
+        node = node.args[0]
+        if not isinstance(node, fx.Node):
+            return None
+    return None
+
+
+def _stored(root: nn.Module, target: str) -> object:
+    """The module or tensor at ``target``, read from the modules' own tables (while tracing, reading an
+    attribute records a node)."""
+    obj: object = root
+    for part in target.split("."):
+        own = vars(obj)
+        for table in ("_modules", "_parameters", "_buffers"):
+            if part in own.get(table, ()):
+                obj = own[table][part]
+                break
+        else:
+            return None
+    return obj
 
 
 State = dict[int, tuple[nn.Module, dict, dict]]

@@ -679,7 +679,7 @@ class _SameConv(nn.Conv2d):
 class _Idiom(nn.Module):
     """One idiom stage; ``kind`` names it, ``counts`` is what runs after fusion, ``out_channels`` its width."""
 
-    KINDS_ANY = ("bnact", "split_bn", "mixconv", "prenorm", "layerscale", "preact", "gated")
+    KINDS_ANY = ("bnact", "split_bn", "mixconv", "prenorm", "layerscale", "preact", "gated", "c2f")
     KINDS_2D = ("shuffle", "tf_same")
 
     def __init__(self, kind: str, nd: int, c: int, act: str) -> None:
@@ -717,6 +717,11 @@ class _Idiom(nn.Module):
             self.alpha = nn.Parameter(torch.randn(c))
             counts = _counts(conv=2)
             costlier = _counts(conv=3)  # allow_costlier: (1 - a) * x becomes a conv of its own
+        elif kind == "c2f":  # YOLO's C2f: list(conv_bn_act(x).chunk(2, 1)), extended by a block, concatenated
+            self.cv1 = nn.Sequential(conv(c, 2 * h, 1, bias=False), bn(2 * h), _ACTS[act]())
+            self.m = nn.Sequential(conv(h, h, 3, padding=1, bias=False), bn(h), _ACTS[act]())
+            self.cv2 = nn.Sequential(conv(3 * h, c, 1, bias=False), bn(c))
+            counts = _counts(conv=3)
         elif kind == "preact":  # BN -> act -> conv: the BN cannot fold (it stays)
             self.bn, self.conv = bn(c), conv(c, c, 3, padding=1)
             counts = _counts(conv=1, batch_norm=1)
@@ -754,6 +759,10 @@ class _Idiom(nn.Module):
             return self.act(self.q(y) * torch.sigmoid(self.k(y)) + self.v(y))
         if k == "layerscale":
             return self.act(x + self.gamma * self.bn(self.conv(x)))
+        if k == "c2f":
+            y = list(self.cv1(x).chunk(2, 1))
+            y.append(self.m(y[-1]))
+            return self.act(self.cv2(torch.cat(y, 1)))
         if k == "preact":
             return self.act(self.conv(self.act(self.bn(x))))
         if k == "gated":
@@ -845,8 +854,9 @@ def architectures(
 
     ``idioms`` adds stages written the way third-party code writes them: a BatchNormAct layer that asserts
     its input's rank, BNs on split pieces of one conv, MixConv (concatenated per-group kernels then BN), a BN
-    read by several 1x1 convs, a ``[C, 1, ...]`` layer scale, BN -> act -> conv (its BN stays), and in 2-D a
-    channel shuffle and a TF-"same" conv padded at run time.
+    read by several 1x1 convs, a ``[C, 1, ...]`` layer scale, BN -> act -> conv (its BN stays), YOLO's C2f
+    (a list of a conv's chunks, extended and concatenated), and in 2-D a channel shuffle and a TF-"same" conv
+    padded at run time.
     """
     nd = int(_resolve(draw, ndim, st.integers(1, 3)))
     cin = int(_resolve(draw, in_channels, st.integers(1, 4)))

@@ -13,7 +13,7 @@ from fx_helpers import C, RepVGG, conv_bn, fuse_checked, ops, x_of
 from torch import fx, nn
 
 from reparam.fx.patching import tracing_session
-from reparam.fx.tracing import trace
+from reparam.fx.tracing import _piece_count, trace
 
 
 def _patched_names() -> tuple:
@@ -37,15 +37,16 @@ class Split(nn.Module):
 
 
 class LoopOverChunks(nn.Module):
-    """Iterates a proxy (YOLO's C2f: ``list(y.chunk(2, 1))``): untraceable, called whole."""
+    """Iterates a proxy whose number of pieces depends on the input's height (``list(y.chunk(3, 2))``):
+    untraceable, called whole."""
 
     def __init__(self) -> None:
         super().__init__()
         self.cv = conv_bn(2 * C, 2 * C, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = list(self.cv(x).chunk(2, 1))
-        return torch.cat(parts, 1)
+        parts = list(self.cv(x).chunk(3, 2))
+        return torch.cat(parts, 2)
 
 
 def _signature(gm_graph: fx.Graph) -> list[tuple]:
@@ -92,6 +93,102 @@ def test_fusion_through_unpacking_and_an_opaque_loop() -> None:
     assert _patched_names() == before
     assert ops(fused, x)["batch_norm"] == 0  # the opaque loop's own conv+BN folds too, inside it
     assert "loop" in dict(rep.skipped) or any(w.startswith("loop") for w, _ in rep.skipped)
+
+
+class C2fLike(nn.Module):
+    """YOLO's C2f: ``list(cv1(x).chunk(2, 1))`` extended by a loop, then concatenated; the pieces are counted
+    from the BN that ends ``cv1`` (fx alone cannot iterate a proxy).  Odd channels: chunk sizes round up."""
+
+    def __init__(self, chunks: int = 2, how: str = "chunk") -> None:
+        super().__init__()
+        self.chunks, self.how = chunks, how
+        c = 2 * C + 1
+        self.cv1 = nn.Sequential(nn.Conv2d(C, c, 1, bias=False), nn.BatchNorm2d(c), nn.SiLU())
+        self.m = nn.ModuleList(conv_bn(1, 1, 3) for _ in range(2))
+        width = sum(t.shape[1] for t in self.pieces(torch.zeros(1, c, 1, 1))) + len(self.m)
+        self.cv2 = conv_bn(width, C, 1)
+
+    def pieces(self, y: torch.Tensor) -> list[torch.Tensor]:
+        if self.how == "chunk":
+            return list(y.chunk(self.chunks, 1))
+        if self.how == "split":
+            return list(torch.split(y, self.chunks, dim=1))
+        return [t.unsqueeze(1) for t in y.unbind(1)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.pieces(self.cv1(x))
+        for m in self.m:
+            y.append(m(y[-1][:, -1:]))
+        return self.cv2(torch.cat(y, 1))
+
+
+def test_a_split_counted_from_its_bn_traces_whole() -> None:
+    for chunks, how in [(2, "chunk"), (4, "chunk"), (3, "split"), (1, "unbind")]:
+        model, x = C2fLike(chunks, how), x_of(2, C, 6, 6)
+        ws = trace(model.eval())
+        assert not ws.opaque, (chunks, how)
+        fused, rep = fuse_checked(model, x, example=False)
+        assert ops(fused, x)["batch_norm"] == 0 and not rep.skipped, (chunks, how)
+
+
+def test_piece_counts_match_torch() -> None:
+    """Every (channels, chunks) pair up to 9 x 5: the count read off the graph is the count torch gives."""
+    for channels in range(1, 10):
+        model = nn.Sequential(nn.Conv2d(1, channels, 1), nn.BatchNorm2d(channels), nn.ReLU()).eval()
+        graph = fx.symbolic_trace(model).graph
+        out = next(n for n in graph.nodes if n.op == "output").args[0]
+        for k in range(1, 6):
+            y = torch.zeros(1, channels, 1, 1)
+            for name, args, expected in [("chunk", (k, 1), len(y.chunk(k, 1))),
+                                         ("split", (k, 1), len(y.split(k, 1))),
+                                         ("unbind", (1,), channels)]:
+                with graph.inserting_after(out):
+                    node = graph.call_method(name, (out, *args))
+                assert _piece_count(node, model) == expected, (channels, k, name)
+                graph.erase_node(node)
+    odd = nn.Sequential(nn.Conv2d(1, 4, 1)).eval()  # no BN: dim 1 might not be the channels (unbatched)
+    graph = fx.symbolic_trace(odd).graph
+    out = next(n for n in graph.nodes if n.op == "output").args[0]
+    with graph.inserting_after(out):
+        assert _piece_count(graph.call_method("chunk", (out, 2, 1)), odd) is None
+
+
+class HoldsLists(nn.Module):
+    """Children in a ModuleList (never called itself) and a weightless concat module, under untraced code."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(conv_bn(C, C, 3) for _ in range(2))
+        self.cat = Concat()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ys = [b(x) for b in self.blocks]
+        if ys[0].sum() > 0:  # data-dependent: the parent cannot be traced
+            ys.reverse()
+        return self.cat(ys)
+
+
+class Concat(nn.Module):
+    def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(xs, 1)
+
+
+def test_containers_and_weightless_children_are_not_traced() -> None:
+    model, x = HoldsLists(), x_of(2, C, 6, 6)
+    traced: list[str] = []
+    import reparam.fx.build as build
+
+    def spy(m: nn.Module):
+        traced.append(type(m).__name__)
+        return trace(m)
+    original, build.trace = build.trace, spy
+    try:
+        fused, rep = fuse_checked(model, x, example=False)
+    finally:
+        build.trace = original
+    assert traced == ["HoldsLists", "Sequential", "Sequential"]  # neither the ModuleList nor the concat
+    assert ops(fused, x)["batch_norm"] == 0
+    assert [w for w, _ in rep.skipped] == ["HoldsLists"]
 
 
 class LoneLayers(nn.Module):
