@@ -46,7 +46,8 @@ class _Behaviour:
     def __len__(self) -> int:
         """The number of pieces of a split that the graph decides (see :meth:`ReparamTracer.iter`); fx's
         error otherwise."""
-        count = _piece_count(self.node, self.tracer.root)
+        node = vars(self).get("_node") if isinstance(self, fx.proxy.Attribute) else self.node  # (not made here)
+        count = None if node is None else _piece_count(node, self.tracer.root)
         return super().__len__() if count is None else count
 
     def __iter__(self):

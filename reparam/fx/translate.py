@@ -86,9 +86,11 @@ def translate(gm: Workspace, ranks: dict[fx.Node, int] | None = None) -> Transla
 
 
 def _model_dtype(gm: Workspace) -> torch.dtype | None:
-    for t in (*gm.root.parameters(), *gm.root.buffers()):
-        if t.is_floating_point():
-            return t.dtype
+    """The dtype of the model's first floating parameter, else of its first floating buffer."""
+    for tensors in (gm.root.parameters(), gm.root.buffers()):  # (generators: stops at the first found)
+        for t in tensors:
+            if t.is_floating_point():
+                return t.dtype
     return None
 
 
