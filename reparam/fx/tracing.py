@@ -18,6 +18,7 @@ import torch
 from torch import fx, nn
 
 from ..torch_ops import _BNS, _CONV_TRANSPOSES, _CONVS, _PADS, _POOLS, is_exported_module, is_no_op, plain_forward
+from .facts import _arg
 from .patching import session_math_ids, tracing
 from .workspace import Workspace
 
@@ -236,14 +237,12 @@ def _piece_count(node: fx.Node, root: nn.Module) -> int | None:
         return None
     if name not in ("split", "chunk", "unbind") or not node.args or not isinstance(node.args[0], fx.Node):
         return None
-    kw = node.kwargs
-    dim = node.args[1 if name == "unbind" else 2] if len(node.args) > (1 if name == "unbind" else 2) \
-        else kw.get("dim", 0)
+    dim = _arg(node, 1 if name == "unbind" else 2, "dim", 0)
     if name == "unbind":
         size = None
     else:
-        size = node.args[1] if len(node.args) > 1 else kw.get("chunks" if name == "chunk" else "split_size",
-                                                                 kw.get("split_size_or_sections"))
+        size = _arg(node, 1, "chunks") if name == "chunk" else \
+            _arg(node, 1, "split_size", node.kwargs.get("split_size_or_sections"))
         if name == "split" and isinstance(size, (list, tuple)) and all(type(k) is int for k in size):
             return len(size)
         if type(size) is not int or size < 1:

@@ -6,12 +6,14 @@ from __future__ import annotations
 import math
 from math import sqrt
 
+import pytest
 import torch
 import torch.fx._symbolic_trace as fx_internals
 import torch.nn.functional as F
 from fx_helpers import C, RepVGG, conv_bn, fuse_checked, ops, x_of
 from torch import fx, nn
 
+import reparam.fx.build as build
 from reparam.fx.patching import tracing_session
 from reparam.fx.tracing import _piece_count, trace
 
@@ -173,19 +175,15 @@ class Concat(nn.Module):
         return torch.cat(xs, 1)
 
 
-def test_containers_and_weightless_children_are_not_traced() -> None:
+def test_containers_and_weightless_children_are_not_traced(monkeypatch: pytest.MonkeyPatch) -> None:
     model, x = HoldsLists(), x_of(2, C, 6, 6)
     traced: list[str] = []
-    import reparam.fx.build as build
 
     def spy(m: nn.Module):
         traced.append(type(m).__name__)
         return trace(m)
-    original, build.trace = build.trace, spy
-    try:
-        fused, rep = fuse_checked(model, x, example=False)
-    finally:
-        build.trace = original
+    monkeypatch.setattr(build, "trace", spy)
+    fused, rep = fuse_checked(model, x, example=False)
     assert traced == ["HoldsLists", "Sequential", "Sequential"]  # neither the ModuleList nor the concat
     assert ops(fused, x)["batch_norm"] == 0
     assert [w for w, _ in rep.skipped] == ["HoldsLists"]
