@@ -8,6 +8,7 @@ refused with a reason.  Parametrized weights (``torch.nn.utils.parametrize``) ar
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import numpy as np
 import torch
@@ -191,20 +192,24 @@ def to_core(m: nn.Module) -> core.LinearOp:
 
 
 @functools.lru_cache(maxsize=512)
-def _template(cls: type[nn.Module], args: tuple, kwargs: tuple) -> nn.Module:
-    return cls(*args, **dict(kwargs), device="meta")
+def _template(cls: type[nn.Module], args: tuple, kwargs: tuple) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The state of ``cls(*args, **kwargs)`` on the meta device, and the keys of its containers."""
+    state = cls(*args, **dict(kwargs), device="meta").__dict__
+    return state, tuple(k for k, v in state.items() if isinstance(v, (dict, set, list)))
 
 
 def blank_module(cls: type[nn.Module], *args, **kwargs) -> nn.Module:
     """``cls(*args, **kwargs)`` with its parameters still to be set (they are meta tensors).
 
-    Built as a copy of a cached meta-device template whose containers (parameter, buffer, hook dicts) are
-    copied, so nothing is shared: constructing a conv runs its random initialisation, which costs 15x more
-    than this and is thrown away anyway.
+    Built from the state of a cached meta-device template whose containers (parameter, buffer, hook dicts)
+    are copied, so nothing is shared: constructing a conv runs its random initialisation, which costs 15x
+    more than this and is thrown away anyway.
     """
-    template = _template(cls, args, tuple(sorted(kwargs.items())))
+    template, containers = _template(cls, args, tuple(sorted(kwargs.items())))
+    state = dict(template)
+    for k in containers:
+        state[k] = type(state[k])(state[k])
     m = object.__new__(cls)
-    state = {k: (type(v)(v) if isinstance(v, (dict, set, list)) else v) for k, v in template.__dict__.items()}
     object.__setattr__(m, "__dict__", state)
     return m
 
@@ -231,9 +236,9 @@ def to_module(conv: core.Conv, *, dtype=torch.float32, device="cpu", checked: bo
         if not symmetric:
             m = PaddedConv(conv.padding, conv.padding_mode, m)
     target = m.conv if isinstance(m, PaddedConv) else m
-    target.weight = nn.Parameter(weight)
+    target._parameters["weight"] = nn.Parameter(weight)  # (its own table: nn.Module.__setattr__ costs more)
     if bias is not None:
-        target.bias = nn.Parameter(bias)
+        target._parameters["bias"] = nn.Parameter(bias)
     return m.eval()
 
 

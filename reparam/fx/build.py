@@ -29,7 +29,7 @@ from .rewrite import Part, Rewrite, apply_plan, drop_identities, reorder, store_
 from .running import GraphRunner, targets
 from .tracing import brief, frozen_training_state, safe_deepcopy, trace
 from .translate import translate
-from .workspace import Workspace, attr_at
+from .workspace import Workspace
 
 TRACE = "#trace"  # suffix of a part id: do not trace this module (its traced graph did not reproduce it)
 MODULE = "#module"  # suffix of a part id: keep this submodule as it was (replacing it broke its parent)
@@ -231,9 +231,7 @@ def _fuse_traced(ws: Workspace, prefix: str, opts: Options, out: Build, memo: di
         return None
     reorder(ws.graph)
     ws.graph.lint()
-    gm = ws.graph_module()
-    if memo is not None:
-        _copy_originals(gm, rw, memo)
+    gm = ws.graph_module(None if memo is None else lambda objs: _copied(objs, rw, memo))
     if not prefix:
         carry_attributes(ws.root, gm, memo)
     return gm
@@ -278,21 +276,9 @@ def _fuse_opaque_leaves(ws: Workspace, prefix: str, opts: Options, out: Build, r
     return done
 
 
-def _copy_originals(gm: fx.GraphModule, rw: Rewrite, memo: dict) -> None:
-    """Replace the references to the input model's modules/tensors by copies (sharing preserved, also with
-    the other copies made through ``memo``)."""
-    targets = list(dict.fromkeys(n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")))
-    originals = {t: attr_at(gm, t) for t in targets if t not in rw.modules}
+def _copied(objs: dict[str, Any], rw: Rewrite, memo: dict) -> dict[str, Any]:
+    """``objs`` (target -> what the result calls or reads) with the input model's modules and tensors replaced
+    by copies (sharing preserved, also with the other copies made through ``memo``); the rewrite's new
+    modules are the result's own."""
     memo.update({id(m): m for m in rw.modules.values()})
-    copies = safe_deepcopy(originals, memo)
-    for t, obj in copies.items():
-        _set(gm, t, obj)
-
-
-def _set(root: nn.Module, target: str, value: Any) -> None:
-    *path, last = target.split(".")
-    parent = attr_at(root, ".".join(path)) if path else root
-    if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and last in parent._buffers:
-        parent._buffers[last] = value
-    else:
-        setattr(parent, last, value)
+    return objs | safe_deepcopy({t: o for t, o in objs.items() if t not in rw.modules}, memo)

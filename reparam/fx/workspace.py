@@ -9,6 +9,7 @@ changed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import fx, nn
@@ -78,11 +79,13 @@ class Workspace:
                 return attr_at(self.added[head], ".".join(parts[k:]))
         return attr_at(self.root, target)
 
-    def graph_module(self) -> fx.GraphModule:
+    def graph_module(self, copy: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> fx.GraphModule:
         """A GraphModule of the current graph holding just the modules and tensors it uses (the result,
-        or, before any rewrite, the traced model to run for shape propagation)."""
+        or, before any rewrite, the traced model to run for shape propagation); ``copy`` maps those, by
+        target, to what the GraphModule holds instead (copies of them)."""
         targets = {n.target: None for n in self.graph.nodes if n.op in ("call_module", "get_attr")}
-        return fx.GraphModule({t: self.attr(t) for t in targets}, self.graph, self.name)
+        objs = {t: self.attr(t) for t in targets}
+        return fx.GraphModule(objs if copy is None else copy(objs), self.graph, self.name)
 
 
 
