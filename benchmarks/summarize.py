@@ -16,7 +16,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-ORDER = ("fuse_cost", "deploy_latency", "concat_vs_add", "latency_vs_macs", "fusion_accuracy", "model_sweep")
+ORDER = ("fuse_cost", "deploy_latency", "concat_vs_add", "latency_vs_macs", "fusion_accuracy", "model_sweep",
+         "fuse_time")
 TITLES = {
     "fuse_cost": "Fusion cost against model size",
     "deploy_latency": "Fused vs hand-written deploy form",
@@ -24,9 +25,11 @@ TITLES = {
     "latency_vs_macs": "Latency vs MACs (paper Figure 1, without accuracy)",
     "fusion_accuracy": "Fusion accuracy: float64 algebra vs a naive float32 fold",
     "model_sweep": "Model sweep: reparam.fuse on third-party models",
+    "fuse_time": "Fuse time on third-party models, each timed alone",
 }
 #: How to produce a result file, where it is not the project venv running ``benchmarks/<name>.py``.
-RUN = {"model_sweep": "PYTHONPATH=$PWD /tmp/reparam-thirdparty/bin/python benchmarks/model_sweep.py"}
+RUN = {"model_sweep": "PYTHONPATH=$PWD /tmp/reparam-thirdparty/bin/python benchmarks/model_sweep.py",
+       "fuse_time": "PYTHONPATH=$PWD /tmp/reparam-thirdparty/bin/python benchmarks/fuse_time.py"}
 
 
 # -- formatting ------------------------------------------------------------------------------------------------
@@ -207,8 +210,49 @@ def model_sweep(d: dict) -> str:
     return summarize_sweep.section(d)
 
 
+def fuse_time(d: dict) -> str:
+    tot, s = d["totals"], d["settings"]
+
+    def cells(sp: dict | None) -> list[str]:
+        if not sp:
+            return ["-"] * 5
+        return [str(sp["models"]), x(sp["median"]), f"{x(sp['p25'])} - {x(sp['p75'])}", x(sp["worst"]),
+                f"{sp['above']} above {sp['bound']:g}x"]
+
+    spread_rows = [["`reparam.fuse` / `copy.deepcopy`", "all", *cells(tot["reparam/deepcopy"])]]
+    spread_rows += [["", src, *cells(sp)] for src, sp in tot["reparam/deepcopy_by_source"].items()]
+    spread_rows.append(["`reparam.fuse` / library conversion", "all", *cells(tot["reparam/library"])])
+    spread_rows += [["", src, *cells(sp)] for src, sp in tot["reparam/library_by_source"].items()]
+    spread_rows.append(["library conversion / `copy.deepcopy`", "all", *cells(tot["library/deepcopy"])])
+    libs = sorted((r for r in d["models"] if r.get("status") == "ok" and "library" in r),
+                  key=lambda r: (r["source"], not r["extra"], r["paired_ratio"]["reparam/library"]))
+    lib_rows = [[f"`{r['id']}`" + (" (extra)" if r["extra"] else ""), count(r["params"]),
+                 t(r["median_s"]["reparam"]), t(r["median_s"]["library"]), t(r["median_s"]["deepcopy"]),
+                 x(r["paired_ratio"]["reparam/library"]), x(r["paired_ratio"]["reparam/deepcopy"]),
+                 x(r["paired_ratio"]["library/deepcopy"])] for r in libs]
+    failed = [f"`{r['id']}` ({r['status']}: {r['error']})" for r in d["models"] if r.get("status") != "ok"]
+    worst = sorted((r for r in d["models"] if r.get("status") == "ok" and not r["extra"]),
+                   key=lambda r: -r["paired_ratio"]["reparam/deepcopy"])[:10]
+    return "\n\n".join([
+        f"The sweep's {tot['timed']} models (the BN member with the fewest parameters of every timm, torchvision "
+        f"and ultralytics family) and the `--extra` ones ({s['extra']}), one after another in one process on one "
+        f"thread, nothing else running: {s['rounds']} interleaved rounds of `reparam.fuse(model)`, the library's "
+        "conversion where there is one and `copy.deepcopy(model)`, the garbage collector run before each call. "
+        "Ratios are medians of per-round paired ratios; the spreads are over models (the extra ones apart).",
+        table(["ratio", "models from", "models", "median", "quartiles", "worst", "count"], spread_rows),
+        "Worst `reparam.fuse` / `copy.deepcopy`: " + ", ".join(
+            f"`{r['id']}` {x(r['paired_ratio']['reparam/deepcopy'])}" for r in worst) + ".",
+        "**Every model with a library conversion** (timm: `reparameterize_model`; ultralytics: "
+        "`copy.deepcopy(model).fuse()`)",
+        table(["model", "params", "`reparam.fuse`", "library", "`copy.deepcopy`", "fuse / library",
+               "fuse / deepcopy", "library / deepcopy"], lib_rows),
+        *(["Not timed: " + "; ".join(failed) + "."] if failed else []),
+    ])
+
+
 SECTIONS = {"fuse_cost": fuse_cost, "deploy_latency": deploy_latency, "concat_vs_add": concat_vs_add,
-            "latency_vs_macs": latency_vs_macs, "fusion_accuracy": fusion_accuracy, "model_sweep": model_sweep}
+            "latency_vs_macs": latency_vs_macs, "fusion_accuracy": fusion_accuracy, "model_sweep": model_sweep,
+            "fuse_time": fuse_time}
 
 
 def render(results: Path, doc: Path) -> str:
