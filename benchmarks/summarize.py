@@ -235,10 +235,11 @@ def fuse_time(d: dict) -> str:
                    key=lambda r: -r["paired_ratio"]["reparam/deepcopy"])[:10]
     return "\n\n".join([
         f"The sweep's {tot['timed']} models (the BN member with the fewest parameters of every timm, torchvision "
-        f"and ultralytics family) and the `--extra` ones ({s['extra']}), one after another in one process on one "
-        f"thread, nothing else running: {s['rounds']} interleaved rounds of `reparam.fuse(model)`, the library's "
-        "conversion where there is one and `copy.deepcopy(model)`, the garbage collector run before each call. "
-        "Ratios are medians of per-round paired ratios; the spreads are over models (the extra ones apart).",
+        f"and ultralytics family) and the `--extra` ones ({s['extra'].replace(',', ', ')}), one after another "
+        f"in one process on one thread, nothing else running: {s['rounds']} interleaved rounds of "
+        "`reparam.fuse(model)`, the library's conversion where there is one and `copy.deepcopy(model)`, the "
+        "garbage collector run before each call. Ratios are medians of per-round paired ratios; the spreads "
+        "are over the sweep's models (the extra ones apart).",
         table(["ratio", "models from", "models", "median", "quartiles", "worst", "count"], spread_rows),
         "Worst `reparam.fuse` / `copy.deepcopy`: " + ", ".join(
             f"`{r['id']}` {x(r['paired_ratio']['reparam/deepcopy'])}" for r in worst) + ".",
