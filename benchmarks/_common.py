@@ -153,12 +153,12 @@ def pyplot():
     return plt
 
 
-def plain_log_ticks(ax) -> None:
-    """Tick labels like ``40`` instead of ``4 x 10^1`` on log axes (major and minor)."""
+def plain_log_ticks(ax, axes: str = "xy") -> None:
+    """Tick labels like ``40`` instead of ``4 x 10^1`` on log axes (major and minor), on the ``axes`` named."""
     from matplotlib.ticker import FuncFormatter
 
     fmt = FuncFormatter(lambda v, _pos: f"{v:g}")
-    for axis in (ax.xaxis, ax.yaxis):
+    for axis in [getattr(ax, f"{a}axis") for a in axes]:
         axis.set_major_formatter(fmt)
         axis.set_minor_formatter(fmt)
         axis.set_tick_params(which="minor", labelsize=7)

@@ -425,13 +425,8 @@ def measure(spec: ModelSpec, seed: int = 0, rounds: int = 3, log: Callable[[str]
 
 
 def _measure_into(rec: dict[str, Any], spec: ModelSpec, seed: int, rounds: int, log) -> None:
-    from reparam.measure import interleaved_times, paired_ratio
-    from reparam.testing import randomize_bn_
-
     try:
-        model, args = build(spec, seed)
-        randomize_bn_(model, seed=seed)
-        model.eval()
+        model, args = built(spec, seed)
     except Exception as err:
         rec.update(status="build failed", error=one_line(err))
         return
@@ -457,10 +452,28 @@ def _measure_into(rec: dict[str, Any], spec: ModelSpec, seed: int, rounds: int, 
              if k not in ("fx", "reparam_export") and rec["variants"][k]["error"] is None}
     if rounds > 0 and timed:
         log(f"{spec.id}: timing {', '.join(timed)} and deepcopy, {rounds} rounds")
-        fns = {**{k: (lambda m=m: m()) for k, m in timed.items()}, "deepcopy": lambda: copy.deepcopy(model)}
-        times = interleaved_times(fns, repeats=rounds, warmup=0, collect=True)
-        ratios = {f"{a}/deepcopy": paired_ratio(times, a, "deepcopy") for a in timed}
-        if "library" in timed:
-            ratios |= {f"{a}/library": paired_ratio(times, a, "library") for a in timed if a.startswith("reparam")}
-        rec["time"] = {"rounds": rounds, "median_s": {k: statistics.median(v) for k, v in times.items()},
-                       "times_s": times, "paired_ratio": ratios}
+        rec["time"] = {"rounds": rounds, **timing(timed, model, rounds)}
+
+
+def built(spec: ModelSpec, seed: int) -> tuple[Any, tuple]:
+    """``build(spec, seed)`` with the BN statistics randomized (``reparam.testing.randomize_bn_``), in eval mode."""
+    from reparam.testing import randomize_bn_
+
+    model, args = build(spec, seed)
+    randomize_bn_(model, seed=seed)
+    model.eval()
+    return model, args
+
+
+def timing(makers: dict[str, Callable[[], Any]], model, rounds: int, warmup: int = 0) -> dict[str, Any]:
+    """``makers`` and ``copy.deepcopy(model)`` timed round-robin, the garbage collector run untimed before each
+    call: median seconds, the per-round times and the paired ratios (each maker against the deepcopy; with a
+    ``library`` maker, each ``reparam`` one against it)."""
+    from reparam.measure import interleaved_times, paired_ratio
+
+    fns = {**makers, "deepcopy": lambda: copy.deepcopy(model)}
+    times = interleaved_times(fns, repeats=rounds, warmup=warmup, collect=True)
+    ratios = {f"{a}/deepcopy": paired_ratio(times, a, "deepcopy") for a in makers}
+    if "library" in makers:
+        ratios |= {f"{a}/library": paired_ratio(times, a, "library") for a in makers if a.startswith("reparam")}
+    return {"median_s": {k: statistics.median(v) for k, v in times.items()}, "times_s": times, "paired_ratio": ratios}

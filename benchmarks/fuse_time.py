@@ -3,7 +3,7 @@ library's own deploy conversion.
 
 Runs in the shared third-party venv (timm, torchvision, ultralytics), importing ``reparam`` from PYTHONPATH:
 
-    PYTHONPATH=$PWD /tmp/reparam-thirdparty/bin/python benchmarks/fuse_time.py              # about 25 minutes
+    PYTHONPATH=$PWD /tmp/reparam-thirdparty/bin/python benchmarks/fuse_time.py              # about 35 minutes
     ... benchmarks/fuse_time.py --models 'timm:fastvit*' --rounds 7 --out /tmp/fuse_time.json
 
 ``model_sweep.py`` times fusion as well, but beside all its checks, and it is usually run as two processes side
@@ -22,7 +22,6 @@ section of ``docs/benchmarks.md``.
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import os
@@ -95,37 +94,26 @@ def measure(spec: M.ModelSpec, seed: int, rounds: int, extra: bool = False) -> d
     import _sweep_measure as X
 
     import reparam
-    from reparam.measure import interleaved_times, paired_ratio
-    from reparam.testing import randomize_bn_
 
     rec: dict[str, Any] = {"id": spec.id, "source": spec.source, "name": spec.name, "family": spec.family,
                            "extra": extra, "status": "ok", "error": None}
     try:
-        model, _ = M.build(spec, seed)
-        randomize_bn_(model, seed=seed)
-        model.eval()
+        model, _ = X.built(spec, seed)
     except Exception as err:
         return {**rec, "status": "build failed", "error": M.one_line(err)}
     rec["params"] = sum(p.numel() for p in model.parameters())
-    fns = {"reparam": lambda: reparam.fuse(model), "deepcopy": lambda: copy.deepcopy(model)}
+    makers = {"reparam": lambda: reparam.fuse(model)}
     lib = X.library_deploy(spec, model)
     if lib is not None:
         rec["library"] = lib[0]
-        fns["library"] = lib[1]
+        makers["library"] = lib[1]
     try:
-        times = interleaved_times(fns, repeats=rounds, warmup=1, collect=True)
+        return {**rec, **X.timing(makers, model, rounds, warmup=1)}
     except Exception as err:
         return {**rec, "status": "error", "error": M.one_line(err)}
     finally:
-        fns.clear()  # (the model goes with this frame; its memory is back before the next one is built)
+        makers.clear()  # (the model goes with this frame; its memory is back before the next one is built)
         gc.collect()
-    rec["median_s"] = {k: statistics.median(v) for k, v in times.items()}
-    rec["times_s"] = times
-    rec["paired_ratio"] = {"reparam/deepcopy": paired_ratio(times, "reparam", "deepcopy")}
-    if "library" in times:
-        rec["paired_ratio"] |= {"reparam/library": paired_ratio(times, "reparam", "library"),
-                                "library/deepcopy": paired_ratio(times, "library", "deepcopy")}
-    return rec
 
 
 def totals(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -192,10 +180,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
         right.set_yticks(list(ys), [r["name"] for r in libs], fontsize=7)
         right.axvline(1.0, color="#555555", lw=0.8, ls=":")
         right.set_xscale("log")
-        from matplotlib.ticker import FuncFormatter
-
-        for which in ("major", "minor"):
-            getattr(right.xaxis, f"set_{which}_formatter")(FuncFormatter(lambda v, _pos: f"{v:g}"))
+        C.plain_log_ticks(right, axes="x")
         right.set_xlabel("reparam.fuse / timm.utils.model.reparameterize_model (orange: --extra models)")
         right.set_title("fuse time against timm's own conversion (dotted: 1x)", fontsize=10)
         right.grid(True, axis="x", which="both", alpha=0.3)
