@@ -4,7 +4,7 @@ example inputs are given; with them, the executed ops are counted instead)."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..torch_ops import _BNS, _CONVS
+from .spans import COUNTS
 from .workspace import attr_at
 
 _ADD_TARGETS = {"add", "iadd", "add_"}
@@ -27,10 +28,19 @@ def static_counts(module: nn.Module) -> Counter:
 
 def graph_counts(graph: fx.Graph, attr: Callable[[str], Any]) -> Counter:
     """:func:`static_counts` of a graph whose ``call_module`` targets ``attr`` resolves."""
+    return node_counts(graph.nodes, attr)
+
+
+def node_counts(nodes: Iterable[fx.Node], attr: Callable[[str], Any]) -> Counter:
+    """:func:`graph_counts` of some of a graph's nodes.  A module called whole in place of its traced code
+    counts as that code did (:data:`.spans.COUNTS`)."""
     counts: Counter = Counter()
-    for node in graph.nodes:
+    for node in nodes:
         if node.op == "call_module":
-            _module_kind(attr(node.target), counts)
+            if COUNTS in node.meta:
+                counts.update(node.meta[COUNTS])
+            else:
+                _module_kind(attr(node.target), counts)
         elif node.op in ("call_function", "call_method"):
             packet = getattr(node.target, "_overloadpacket", None)  # an ATen overload: its op's name
             name = packet.__name__ if packet is not None else getattr(node.target, "__name__", str(node.target))
@@ -69,4 +79,4 @@ def _module_kind(m: nn.Module, counts: Counter) -> Counter:
     return counts
 
 
-__all__ = ["graph_counts", "static_counts"]
+__all__ = ["graph_counts", "node_counts", "static_counts"]

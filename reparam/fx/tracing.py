@@ -20,6 +20,7 @@ from torch import fx, nn
 from ..torch_ops import _BNS, _CONV_TRANSPOSES, _CONVS, _PADS, _POOLS, is_exported_module, is_no_op, plain_forward
 from .facts import _arg
 from .patching import session_math_ids, tracing
+from .spans import Call, Calls, record, state_unchanged
 from .workspace import Workspace
 
 
@@ -118,6 +119,7 @@ class ReparamTracer(fx.Tracer):
         self.saved: State = {}  # the modules' plain state before tracing (forward code may cache proxies in it)
         self._paths: dict[int, str] | None = None  # id of each parameter and buffer -> its path
         self.named: list[tuple[str, nn.Module]] = []  # the root's named_modules(), walked once
+        self.calls: list[Call] = []  # each submodule call traced through that could be called whole again
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _InplaceProxy(node, self)
@@ -212,17 +214,24 @@ class ReparamTracer(fx.Tracer):
             return super().call_module(m, forward, args, kwargs)
         last = self.graph._root.prev  # the graph's last node: what the attempt adds comes after it
         stack = list(self.module_stack.items())  # O(depth); num_calls only numbers repeated calls: left as is
+        calls = len(self.calls)
+        as_saved = state_unchanged(m, self.saved, _INTERNALS)  # (nothing the caller set: it can be called whole)
         try:
             with _no_input_check(m) if isinstance(m, _BNS) else contextlib.nullcontext():
-                return super().call_module(m, forward, args, kwargs)
+                out = super().call_module(m, forward, args, kwargs)
         except Exception as err:  # fx raises many types for untraceable code
             restore(self.saved, m)  # what the attempt cached refers to nodes about to be erased
             while self.graph._root.prev is not last:
                 self.graph.erase_node(self.graph._root.prev)
             self.module_stack.clear()
             self.module_stack.update(stack)
+            del self.calls[calls:]
             self.opaque[qualname] = brief(err)
             return super().call_module(m, forward, args, kwargs)
+        call = record(qualname, args, kwargs, out, last, self.graph, fx.Proxy) if as_saved else None
+        if call is not None:
+            self.calls.append(call)
+        return out
 
 
 def _piece_count(node: fx.Node, root: nn.Module) -> int | None:
@@ -376,6 +385,7 @@ def trace(module: nn.Module) -> Workspace:
     ws = Workspace(tracer.root, graph, name)
     ws.opaque = tracer.opaque
     ws.elided = tracer.elided
+    ws.calls = Calls.of(graph, tracer.calls)
     for k, v in added.items():
         ws.add_submodule(k, v)
     return ws

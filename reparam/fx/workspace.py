@@ -14,6 +14,8 @@ from typing import Any
 
 from torch import fx, nn
 
+from .spans import Calls
+
 
 def attr_at(root: nn.Module, target: str) -> Any:
     """The module, parameter or buffer at a dotted path (an fx ``get_attr``/``call_module`` target)."""
@@ -31,6 +33,7 @@ class Workspace:
         self.added: dict[str, nn.Module] = {}
         self.opaque: dict[str, str] = {}  # submodule path -> why it is called whole (its forward did not trace)
         self.elided: list[tuple[str, str]] = []  # (path, class) of the no-op modules tracing left out
+        self.calls = Calls()  # the submodule calls traced through (see :mod:`.spans`)
         self._modules: dict[str, nn.Module] = {}  # root's submodules already looked up (each walk done once)
         self._targets: set[str] | None = None
 
@@ -39,8 +42,10 @@ class Workspace:
         module; a module of the same structure works too): a trace to reuse without tracing again."""
         graph = fx.Graph()
         graph._codegen = self.graph._codegen  # e.g. an exported module's pytree in/out (read only)
-        graph.output(graph.graph_copy(self.graph, {}))
+        new: dict[fx.Node, fx.Node] = {}
+        graph.output(graph.graph_copy(self.graph, new))
         out = Workspace(self.root if root is None else root, graph, self.name)
+        out.calls = self.calls.copied(graph, new)
         out.added = dict(self.added)
         out.opaque = dict(self.opaque)
         out.elided = list(self.elided)

@@ -676,10 +676,24 @@ class _SameConv(nn.Conv2d):
         return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
+class _Attention(nn.Module):
+    """Softmax attention over positions with a residual (two 1x1 convs, a dropout): nothing in it folds."""
+
+    def __init__(self, nd: int, c: int) -> None:
+        super().__init__()
+        self.q, self.k = _CONV[nd](c, c, 1), _CONV[nd](c, c, 1)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k = self.q(x).flatten(2), self.k(x).flatten(2)
+        a = self.drop(torch.softmax(q.transpose(1, 2) @ k / x.shape[1] ** 0.5, -1))
+        return x + (x.flatten(2) @ a.transpose(1, 2)).view(x.shape)
+
+
 class _Idiom(nn.Module):
     """One idiom stage; ``kind`` names it, ``counts`` is what runs after fusion, ``out_channels`` its width."""
 
-    KINDS_ANY = ("bnact", "split_bn", "mixconv", "prenorm", "layerscale", "preact", "gated", "c2f")
+    KINDS_ANY = ("bnact", "split_bn", "mixconv", "prenorm", "layerscale", "preact", "gated", "c2f", "attention")
     KINDS_2D = ("shuffle", "tf_same")
 
     def __init__(self, kind: str, nd: int, c: int, act: str) -> None:
@@ -729,6 +743,9 @@ class _Idiom(nn.Module):
             self.a, self.b = nn.Sequential(conv(c, c, 1), bn(c)), nn.Sequential(conv(c, c, 3, padding=1), bn(c))
             self.out_channels = 2 * c
             counts = _counts(conv=2)
+        elif kind == "attention":  # conv -> BN -> act -> an attention submodule no fold touches (called whole)
+            self.conv, self.bn, self.attn = conv(c, c, 3, padding=1, bias=False), bn(c), _Attention(nd, c)
+            counts = _counts(conv=3)
         elif kind == "tf_same":  # run-time padded conv (untraceable) -> BN
             self.conv, self.bn = _SameConv(c, c, 3, stride=1, bias=False), bn(c)
             counts = _counts(conv=1)
@@ -768,6 +785,8 @@ class _Idiom(nn.Module):
         if k == "gated":
             a = torch.sigmoid(self.alpha).view((-1,) + (1,) * self.nd)
             return self.act(x + a * (self.bn(self.fc2(self.act(self.fc1(x)))) - x))
+        if k == "attention":
+            return self.attn(self.act(self.bn(self.conv(x))))
         if k == "shuffle":
             y = torch.cat([self.a(x), self.b(x)], 1)
             b, c, h, w = y.shape
@@ -855,8 +874,9 @@ def architectures(
     ``idioms`` adds stages written the way third-party code writes them: a BatchNormAct layer that asserts
     its input's rank, BNs on split pieces of one conv, MixConv (concatenated per-group kernels then BN), a BN
     read by several 1x1 convs, a ``[C, 1, ...]`` layer scale, BN -> act -> conv (its BN stays), YOLO's C2f
-    (a list of a conv's chunks, extended and concatenated), and in 2-D a channel shuffle and a TF-"same" conv
-    padded at run time.
+    (a list of a conv's chunks, extended and concatenated), an attention submodule after a conv+BN that no
+    fold touches (the result calls it whole), and in 2-D a channel shuffle and a TF-"same" conv padded at run
+    time.
     """
     nd = int(_resolve(draw, ndim, st.integers(1, 3)))
     cin = int(_resolve(draw, in_channels, st.integers(1, 4)))
