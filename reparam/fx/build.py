@@ -18,7 +18,7 @@ from .. import core
 from ..core.report import Leftover
 from ..torch_ops import _BNS, plain_forward, torch_base
 from .aten import is_aten, normalize
-from .counting import graph_counts, node_counts, static_counts
+from .counting import graph_counts, static_counts
 from .facts import drop_implied_checks, fold_constants, infer_ranks
 from .folds import apply_folds
 from .leftovers import Explainer
@@ -230,7 +230,7 @@ def _fuse_traced(ws: Workspace, prefix: str, opts: Options, out: Build, memo: di
     out.levels.append(Level(path, traced, rw.parts))
     if not changed:
         return None
-    call_whole(ws.graph, ws.calls, ws.added, rep, prefix, lambda nodes: node_counts(nodes, ws.attr))
+    call_whole(ws, rep, prefix)
     reorder(ws.graph)
     ws.graph.lint()
     gm = ws.graph_module(None if memo is None else lambda objs: _copied(objs, rw, memo))

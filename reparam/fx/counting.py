@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..torch_ops import _BNS, _CONVS
-from .spans import COUNTS
 from .workspace import attr_at
+
+COUNTS = "reparam_counts"  # node.meta key: the op counts of the traced code a whole-module call stands for
 
 _ADD_TARGETS = {"add", "iadd", "add_"}
 
@@ -33,7 +34,7 @@ def graph_counts(graph: fx.Graph, attr: Callable[[str], Any]) -> Counter:
 
 def node_counts(nodes: Iterable[fx.Node], attr: Callable[[str], Any]) -> Counter:
     """:func:`graph_counts` of some of a graph's nodes.  A module called whole in place of its traced code
-    counts as that code did (:data:`.spans.COUNTS`)."""
+    counts as that code did (:data:`COUNTS`, see :mod:`.spans`)."""
     counts: Counter = Counter()
     for node in nodes:
         if node.op == "call_module":
@@ -79,4 +80,4 @@ def _module_kind(m: nn.Module, counts: Counter) -> Counter:
     return counts
 
 
-__all__ = ["graph_counts", "node_counts", "static_counts"]
+__all__ = ["COUNTS", "graph_counts", "node_counts", "static_counts"]

@@ -86,7 +86,7 @@ def _mutates(node: fx.Node, gm: Workspace) -> fx.Node | None:
     return None
 
 
-_INPLACE_OPERATORS = (operator.iadd, operator.imul, operator.isub, operator.itruediv)
+_INPLACE_OPERATORS = (operator.iadd, operator.imul, operator.isub, operator.itruediv, operator.setitem)
 
 
 def _params_and_place(region_nodes: list[fx.Node], gm: Workspace

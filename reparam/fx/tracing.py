@@ -13,6 +13,7 @@ import math
 import operator
 from collections.abc import Iterator
 from types import CodeType
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -20,8 +21,7 @@ from torch import fx, nn
 from ..torch_ops import _BNS, _CONV_TRANSPOSES, _CONVS, _PADS, _POOLS, is_exported_module, is_no_op, plain_forward
 from .facts import _arg
 from .patching import session_math_ids, tracing
-from .spans import Call, Calls, record, state_unchanged
-from .workspace import Workspace
+from .workspace import Call, Calls, Workspace
 
 
 class _Behaviour:
@@ -87,7 +87,8 @@ class _Stack(collections.OrderedDict):
         return collections.OrderedDict(self)
 
 
-_PLAIN = {int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format, torch.layout}
+_PLAIN = {int, float, bool, str, type(None), type(...), torch.dtype, torch.device, torch.memory_format,
+          torch.layout}  # the plain values a graph argument holds as they are
 
 
 class ReparamTracer(fx.Tracer):
@@ -215,7 +216,7 @@ class ReparamTracer(fx.Tracer):
         last = self.graph._root.prev  # the graph's last node: what the attempt adds comes after it
         stack = list(self.module_stack.items())  # O(depth); num_calls only numbers repeated calls: left as is
         calls = len(self.calls)
-        as_saved = state_unchanged(m, self.saved, _INTERNALS)  # (nothing the caller set: it can be called whole)
+        as_saved = _state_unchanged(m, self.saved)  # (nothing the caller set: it can be called whole)
         try:
             with _no_input_check(m) if isinstance(m, _BNS) else contextlib.nullcontext():
                 out = super().call_module(m, forward, args, kwargs)
@@ -228,7 +229,7 @@ class ReparamTracer(fx.Tracer):
             del self.calls[calls:]
             self.opaque[qualname] = brief(err)
             return super().call_module(m, forward, args, kwargs)
-        call = record(qualname, args, kwargs, out, last, self.graph, fx.Proxy) if as_saved else None
+        call = _record(qualname, args, kwargs, out, last, self.graph) if as_saved else None
         if call is not None:
             self.calls.append(call)
         return out
@@ -344,6 +345,59 @@ def restore(saved: State, root: nn.Module, modules: list[nn.Module] | None = Non
                 else:
                     v.clear()
                     v.update(contents[k])
+
+
+class _NotWhole(Exception):
+    """A call's arguments or result cannot be written as graph arguments."""
+
+
+def _as_nodes(value: Any) -> Any:
+    """``value`` (call arguments or a forward's result) with each traced value as its node; raises
+    :class:`_NotWhole` for anything a graph argument cannot hold."""
+    if isinstance(value, fx.proxy.Attribute) and vars(value).get("_node") is None:
+        raise _NotWhole("attribute")  # (its node, made on first use, would be made now, after the call's)
+    if isinstance(value, fx.Proxy):
+        return value.node
+    if type(value) in _PLAIN:
+        return value
+    if type(value) in (tuple, list):
+        return type(value)(_as_nodes(v) for v in value)
+    if type(value) is dict and all(type(k) is str for k in value):
+        return {k: _as_nodes(v) for k, v in value.items()}
+    raise _NotWhole(type(value).__name__)
+
+
+def _record(path: str, args: tuple, kwargs: dict, out: Any, before: fx.Node, graph: fx.Graph) -> Call | None:
+    """The call of ``path`` whose nodes follow ``before`` in ``graph``; None when it made no node or cannot
+    be called whole (arguments or result that are not traced values and plain constants)."""
+    last = graph._root.prev
+    if last is before:
+        return None
+    try:
+        args, kwargs, out = _as_nodes(args), _as_nodes(kwargs), _as_nodes(out)
+    except _NotWhole:
+        return None
+    if not (isinstance(out, fx.Node) or (type(out) in (tuple, list) and all(
+            isinstance(v, fx.Node) or type(v) in _PLAIN for v in out))):
+        return None
+    return Call(path, args, kwargs, out, before.next, last)
+
+
+def _state_unchanged(m: nn.Module, saved: State) -> bool:
+    """``m``'s plain attributes are those it had before tracing (the caller's code set none of them: the
+    module called whole in the result reads them as they are)."""
+    entry = saved.get(id(m))
+    if entry is None:
+        return False
+    attrs = entry[1]
+    seen = 0
+    for k, v in vars(m).items():
+        if k in _INTERNALS:
+            continue
+        if k not in attrs or attrs[k] is not v:
+            return False
+        seen += 1
+    return seen == len(attrs)
 
 
 def brief(err: BaseException) -> str:

@@ -10,11 +10,10 @@ changed.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import fx, nn
-
-from .spans import Calls
 
 
 def attr_at(root: nn.Module, target: str) -> Any:
@@ -23,6 +22,52 @@ def attr_at(root: nn.Module, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+@dataclass
+class Call:
+    """One traced submodule call: its arguments and result (traced values as their nodes) and the nodes its
+    forward made, ``nodes[start:stop]`` of its :class:`Calls`."""
+
+    path: str
+    args: tuple
+    kwargs: dict
+    out: Any  # the node it returned, or a tuple/list of nodes and plain values
+    first: fx.Node
+    last: fx.Node
+    start: int = 0
+    stop: int = 0
+
+
+@dataclass
+class Calls:
+    """The submodule calls of one trace, over its nodes in trace order, each with its target and arguments
+    as traced (what :func:`.spans.call_whole` compares the rewritten graph with)."""
+
+    calls: list[Call] = field(default_factory=list)
+    nodes: list[fx.Node] = field(default_factory=list)
+    traced: list[tuple[Any, Any, Any]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, graph: fx.Graph, calls: list[Call]) -> Calls:
+        """``calls`` (recorded while tracing ``graph``) over the graph as traced."""
+        if not calls:
+            return cls()
+        nodes = list(graph.nodes)
+        pos = {n: i for i, n in enumerate(nodes)}
+        for c in calls:
+            c.start, c.stop = pos[c.first], pos[c.last] + 1
+        return cls(calls, nodes, [(n.target, n.args, n.kwargs) for n in nodes])
+
+    def copied(self, graph: fx.Graph, new: dict[fx.Node, fx.Node]) -> Calls:
+        """These calls over ``graph``, a copy of their (not yet rewritten) graph, ``new`` mapping each node to
+        its copy."""
+        def m(arg: Any) -> Any:
+            return fx.node.map_arg(arg, new.__getitem__)
+
+        calls = [replace(c, args=m(c.args), kwargs=m(c.kwargs), out=m(c.out), first=new[c.first],
+                         last=new[c.last]) for c in self.calls]
+        return Calls.of(graph, calls)
 
 
 class Workspace:
@@ -94,4 +139,4 @@ class Workspace:
 
 
 
-__all__ = ["Workspace", "attr_at"]
+__all__ = ["Call", "Calls", "Workspace", "attr_at"]

@@ -8,7 +8,7 @@ from fx_helpers import C, conv_bn, fuse_checked, ops, x_of
 from torch import fx, nn
 
 import reparam
-from reparam.fx.spans import COUNTS
+from reparam.fx.counting import COUNTS
 
 
 class Attention(nn.Module):
@@ -127,10 +127,21 @@ class MutatesInput(nn.Module):
         return x.sigmoid()
 
 
-class PassesMutated(nn.Module):
+class ReLUsInput(nn.Module):
+    """Changes its input in place through a module (``nn.ReLU(inplace=True)``)."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.stem, self.child = conv_bn(C, C, 3), MutatesInput()
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x).sigmoid()
+
+
+class PassesMutated(nn.Module):
+    def __init__(self, child: nn.Module | None = None) -> None:
+        super().__init__()
+        self.stem, self.child = conv_bn(C, C, 3), child or MutatesInput()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.relu(self.stem(x))
@@ -157,7 +168,7 @@ class StoresTensor(nn.Module):
 
 def test_calls_that_depend_on_their_surroundings_stay_inlined() -> None:
     x = x_of(2, C, 5, 6)
-    for model in (SetsFlag(), PassesMutated(), StoresTensor()):
+    for model in (SetsFlag(), PassesMutated(), PassesMutated(ReLUsInput()), StoresTensor()):
         fused, _ = fuse_checked(model, x, example=False)
         assert "child" not in _whole(fused), type(model).__name__
         assert ops(fused, x)["batch_norm"] == 0
