@@ -218,12 +218,13 @@ def to_module(conv: core.Conv, *, dtype=torch.float32, device="cpu", checked: bo
     """A fresh nn.ConvNd (or nn.Linear for 0 spatial dims) computing ``conv``.
 
     Symmetric padding maps to the module's ``padding``; asymmetric padding is applied with an explicit
-    pad (``reparam.torch_ops.PaddedConv``) so the module stays exact.  ``checked``: the weight is
-    already in ``dtype`` and known finite (see :func:`to_tensor`).
+    pad (``reparam.torch_ops.PaddedConv``) so the module stays exact.  ``checked``: the weight and bias
+    are already in ``dtype`` and known finite (see :func:`to_tensor`).
     """
     nd = conv.ndim
     weight = to_tensor(conv.weight, dtype=dtype, device=device, checked=checked)
-    bias = None if conv.bias is None else to_tensor(conv.bias, dtype=dtype, device=device, what="fused bias")
+    bias = None if conv.bias is None else to_tensor(conv.bias, dtype=dtype, device=device, what="fused bias",
+                                                    checked=checked)
     if nd == 0:
         m = blank_module(nn.Linear, conv.in_channels, conv.out_channels, bias=bias is not None)
     else:
@@ -239,6 +240,9 @@ def to_module(conv: core.Conv, *, dtype=torch.float32, device="cpu", checked: bo
     target._parameters["weight"] = nn.Parameter(weight)  # (its own table: nn.Module.__setattr__ costs more)
     if bias is not None:
         target._parameters["bias"] = nn.Parameter(bias)
+    if m is target:  # a fresh layer without children: eval() would only set this
+        m.training = False
+        return m
     return m.eval()
 
 

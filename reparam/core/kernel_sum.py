@@ -119,7 +119,9 @@ class KernelSum:
             cast_array(self.evaluate(), dtype, what)  # raises with the reason (overflow or non-finite input)
             raise NotFusable(f"{what} has non-finite values after folding")
         b = None if bias is None else cast_array(f64(bias), dtype, "fused bias")
-        return self.geometry.with_(weight=w, bias=b)
+        if b is not None and b.shape != (w.shape[0],):
+            raise ValueError(f"bias of shape {b.shape} for a kernel of {w.shape[0]} output channels")
+        return self.geometry._evolve(weight=w, bias=b)  # (the geometry's own shape: nothing to validate again)
 
 
 _BLOCK = 262144  # float64 elements per block (2 MiB): few numpy calls per kernel, the block stays in cache

@@ -20,10 +20,11 @@ def _affine_of(norm: BatchNorm | Affine) -> Affine:
     return norm.to_affine() if isinstance(norm, BatchNorm) else norm
 
 
-def fold_bn(conv: Conv, bn: BatchNorm | Affine) -> Conv:
+def fold_bn(conv: Conv, bn: BatchNorm | Affine, *, out: np.ndarray | None = None) -> Conv:
     """``bn(conv(x))`` as one conv (also a linear layer: a conv with zero spatial dims).
 
-    Always legal; the result keeps ``conv``'s dtype and gains a bias.
+    Always legal; the result keeps ``conv``'s dtype and gains a bias.  ``out``: an array of the kernel's
+    shape and ``conv``'s dtype to write the kernel into (a frontend's fresh tensor memory).
     """
     if isinstance(bn, BatchNorm) and bn.channels != conv.out_channels:
         raise _alg.NotFusable(f"batch norm has {bn.channels} channels, the conv outputs {conv.out_channels}")
@@ -33,7 +34,7 @@ def fold_bn(conv: Conv, bn: BatchNorm | Affine) -> Conv:
     bias = (np.zeros(n) if conv.bias is None else f64(conv.bias)) * s + aff.shift_for(n)
     # the deferred kernel multiplies in float64 straight into the conv's dtype (each value rounded once, no
     # float64 copy of the kernel) and refuses a non-finite result with the reason
-    return KernelSum.of(conv).scaled(s).to_conv(conv.dtype, bias)
+    return KernelSum.of(conv).scaled(s).to_conv(conv.dtype, bias, out=out)
 
 
 def fold_bn_input(bn: BatchNorm | Affine, conv: Conv) -> Conv:

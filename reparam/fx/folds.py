@@ -34,6 +34,7 @@ from ..torch_ops import (
     _CONVS,
     bn_from_module,
     conv_from_module,
+    numpy_dtype,
     plain_forward,
     read_only,
     to_module,
@@ -42,7 +43,7 @@ from ..torch_ops import (
 )
 from .facts import data_users, metadata_users
 from .report import FuseReport, RegionReport
-from .rewrite import Part, Rewrite, _layout, _mutates, redirect_metadata
+from .rewrite import Part, Rewrite, _layout, _mutates, kernel_buffer, redirect_metadata
 from .tracing import brief, safe_deepcopy
 from .translate import _CONV_FUNCS, _bn_function, _conv_function
 from .workspace import Workspace
@@ -98,14 +99,23 @@ def _weight_of(node: fx.Node, gm: Workspace) -> torch.Tensor:
     return node.args[1].meta["constant"] if len(node.args) > 1 else node.kwargs["weight"].meta["constant"]
 
 
-def _new_conv(conv: core.Conv, like: torch.Tensor) -> nn.Module:
-    """A fresh conv/Linear module computing ``conv``, in ``like``'s dtype, device and memory format."""
-    m = to_module(conv, dtype=like.dtype, device=like.device)
+def _new_conv(conv: core.Conv, like: torch.Tensor, checked: bool = False) -> nn.Module:
+    """A fresh conv/Linear module computing ``conv``, in ``like``'s dtype, device and memory format
+    (``checked``: ``conv``'s kernel is already in that dtype and known finite)."""
+    m = to_module(conv, dtype=like.dtype, device=like.device, checked=checked)
     layout = _layout(like)
     if layout is not torch.contiguous_format:
         target = getattr(m, "conv", m)
         target.weight = nn.Parameter(target.weight.detach().contiguous(memory_format=layout))
     return m
+
+
+def _folded_conv(conv: core.Conv, norm: core.Affine | core.BatchNorm, like: torch.Tensor) -> nn.Module:
+    """``norm(conv(x))`` as a fresh module like :func:`_new_conv`'s, the kernel computed straight into the
+    module's tensor where its dtype is the conv's (as the region rewrite does)."""
+    out = kernel_buffer(conv.weight.shape, like.dtype, like.device) if conv.dtype == numpy_dtype(like.dtype) \
+        else None
+    return _new_conv(core.fold_bn(conv, norm, out=out), like, checked=out is not None)
 
 
 def _affine(parts: list[tuple[int, core.Affine | None]]) -> core.Affine:
@@ -258,10 +268,16 @@ def _folded_custom(m: nn.Module, bn: core.BatchNorm) -> nn.Module:
     why = probe_conv(m)
     if why is not None:
         raise NotFusable(f"its forward is not a plain conv, and it cannot be shown to be one: {why}")
-    folded = core.fold_bn(core.Conv(read_only(m.weight), to_numpy(m.bias), groups=m.groups), bn)
-    new = safe_deepcopy(m)
-    new.weight = nn.Parameter(to_tensor(folded.weight, m.weight).contiguous(memory_format=_layout(m.weight)))
-    new.bias = nn.Parameter(to_tensor(folded.bias, m.weight, what="fused bias"))
+    conv = core.Conv(read_only(m.weight), to_numpy(m.bias), groups=m.groups)
+    out = kernel_buffer(conv.weight.shape, m.weight.dtype, m.weight.device) \
+        if conv.dtype == numpy_dtype(m.weight.dtype) else None
+    folded = core.fold_bn(conv, bn, out=out)
+    weight = nn.Parameter(to_tensor(folded.weight, m.weight, checked=out is not None).contiguous(
+        memory_format=_layout(m.weight)))
+    bias = nn.Parameter(to_tensor(folded.bias, m.weight, what="fused bias"))
+    # a copy of the module with the folded tensors in place of its own (those are not copied first)
+    new = safe_deepcopy(m, {id(m.weight): weight} | ({} if m.bias is None else {id(m.bias): bias}))
+    new.bias = bias
     why = probe_conv(new)
     if why is not None:
         raise NotFusable(f"with a folded bias, {why}")
@@ -283,7 +299,7 @@ class Producer:
     def folded(self, affine: core.Affine | core.BatchNorm) -> nn.Module:
         """A new module computing ``affine(this node's output)``; NotFusable with the reason if it cannot."""
         if self.conv is not None:
-            return _new_conv(core.fold_bn(self.conv, affine), self.weight)
+            return _folded_conv(self.conv, affine, self.weight)
         if isinstance(self.module, _CONV_TRANSPOSES):
             return _folded_transpose(self.module, affine)
         return _folded_custom(self.module, affine)
@@ -335,7 +351,7 @@ def fold_through_reshape(gm: Workspace, ranks: dict[fx.Node, int], report: FuseR
                                      "(pass example_inputs)", "needs-shapes")
             continue
         try:
-            new = _new_conv(core.fold_bn(conv, read_bn()), _weight_of(lin, gm))
+            new = _folded_conv(conv, read_bn(), _weight_of(lin, gm))
         except NotFusable as err:
             rw.reasons[node.name] = (str(err), "algebra")
             continue

@@ -6,6 +6,7 @@ import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -292,16 +293,21 @@ def _module(term: core.Term, dtype: torch.dtype, device: torch.device, layout: t
 
 
 def _cast(term: core.Term, dtype: torch.dtype, device: torch.device, threads: int) -> core.Conv:
-    """The term's conv in ``dtype`` when numpy has it, else in float64.
-
-    On the CPU the kernel is computed straight into a new tensor (torch's allocator hands out large blocks
-    faster than numpy's, with fewer page faults), a large one on as many threads as torch uses.
-    """
+    """The term's conv in ``dtype`` when numpy has it, else in float64; on the CPU computed straight into a
+    new tensor (:func:`kernel_buffer`), a large one on as many threads as torch uses."""
     np_dtype = numpy_dtype(dtype)
     if np_dtype is None:
         return term.conv
-    out = torch.empty(term.shape, dtype=dtype).numpy() if torch.device(device).type == "cpu" else None
-    return term.cast(np_dtype, out=out, threads=threads)
+    return term.cast(np_dtype, out=kernel_buffer(term.shape, dtype, device), threads=threads)
+
+
+def kernel_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> np.ndarray | None:
+    """Memory for a fused kernel: a numpy view of a new CPU tensor of ``dtype`` (torch's allocator hands out
+    large blocks faster than numpy's, with fewer page faults, and the module then uses it as is); None when
+    numpy lacks ``dtype`` or the kernel goes to another device."""
+    if numpy_dtype(dtype) is None or torch.device(device).type != "cpu":
+        return None
+    return torch.empty(shape, dtype=dtype).numpy()
 
 
 def _check_no_mutation(region: core.Region, lg: core.LinearGraph, exit_node: fx.Node, gm,

@@ -154,7 +154,7 @@ class ReparamTracer(fx.Tracer):
         if isinstance(a, fx.Proxy):
             return a.node
         if kind in (tuple, list):
-            return kind(self.create_arg(x) for x in a)
+            return kind([self.create_arg(x) for x in a])
         if kind is slice:
             return slice(self.create_arg(a.start), self.create_arg(a.stop), self.create_arg(a.step))
         if isinstance(a, torch.Tensor):

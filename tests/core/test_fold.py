@@ -158,6 +158,12 @@ def test_fold_bn_is_the_float64_product_rounded_once(dtype):
     np.testing.assert_array_equal(fused.weight, want_w)
     np.testing.assert_array_equal(fused.bias, want_b)
     assert fused.weight.dtype == fused.bias.dtype == dtype
+    out = np.full(conv.weight.shape, np.nan, dtype)  # a frontend's fresh memory: the kernel lands there
+    into = fold_bn(conv, bn, out=out)
+    assert into.weight is out
+    np.testing.assert_array_equal(out, want_w)
+    np.testing.assert_array_equal(into.bias, want_b)
+    assert (into.stride, into.padding, into.groups) == (conv.stride, conv.padding, conv.groups)
 
 
 def test_fold_bn_overflow_is_refused_with_the_reason():

@@ -257,10 +257,16 @@ def test_runtime_padded_conv_then_bn(bias: bool) -> None:
     model = nn.Sequential(Conv2dSame(C, C, 3, stride=2, bias=bias), BNAct2d(C), Conv2dSame(C, C, 3, bias=bias),
                           nn.BatchNorm2d(C))
     x = x_of(2, C, 7, 7)
-    fused, rep = fuse_checked(model, x, example=False)
+    randomize_bn_(model, 0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fused, rep = fuse_checked(model, x, example=False, randomize=False)
     assert ops(fused, x) == {"conv": 2, "batch_norm": 0, "linear": 0}, rep
     assert_equivalent(model, fused, x_of(1, C, 10, 5))  # the padding still follows the input size
-    assert sum(isinstance(m, Conv2dSame) for m in fused.modules()) == 2  # the subclass, with folded weights
+    same = [m for m in fused.modules() if isinstance(m, Conv2dSame)]
+    assert len(same) == 2  # the subclass, with folded weights: its own tensors, the input's left as they were
+    mine = {t.data_ptr() for t in model.parameters()}
+    assert all(p.data_ptr() not in mine for m in same for p in m.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 class CheatingConv(nn.Conv2d):
