@@ -144,6 +144,11 @@ def _shape(node, ctx: _Ctx, op, inputs) -> tuple[int | None, int | None]:
             if nd is None and inputs:
                 nd = info.get(inputs[0].name, (None, None))[1]
             return m.num_features, nd
+    if isinstance(op, core.BatchNorm):  # F.batch_norm (timm's norm-act layers): its statistics fix dim 1
+        nd = rank - 2 if rank is not None and rank >= 2 else None
+        if nd is None and inputs:
+            nd = info.get(inputs[0].name, (None, None))[1]
+        return op.channels, nd
     keeps_shape = (op is not None and not isinstance(op, (core.AvgPool, core.Pad))) or (
         node.op == "call_module" and isinstance(gm.get_submodule(node.target), _ELEMENTWISE_MODULES)) or (
         node.op == "call_function" and node.target in _ELEMENTWISE_FUNCS)

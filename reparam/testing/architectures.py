@@ -654,9 +654,9 @@ class _Head(nn.Module):
 class _BNAct(nn.modules.batchnorm._BatchNorm):
     """timm's BatchNormAct: asserts its input's rank, calls F.batch_norm, then an activation."""
 
-    def __init__(self, nd: int, c: int, act: str) -> None:
+    def __init__(self, nd: int, c: int, act: str | None) -> None:
         super().__init__(c)
-        self.rank, self.act = nd + 2, _ACTS[act]()
+        self.rank, self.act = nd + 2, nn.Identity() if act is None else _ACTS[act]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         torch._assert(x.ndim == self.rank, "unexpected input rank")
@@ -693,7 +693,8 @@ class _Attention(nn.Module):
 class _Idiom(nn.Module):
     """One idiom stage; ``kind`` names it, ``counts`` is what runs after fusion, ``out_channels`` its width."""
 
-    KINDS_ANY = ("bnact", "split_bn", "mixconv", "prenorm", "layerscale", "preact", "gated", "c2f", "attention")
+    KINDS_ANY = ("bnact", "split_bn", "mixconv", "prenorm", "layerscale", "preact", "gated", "c2f", "attention",
+                 "tokens")
     KINDS_2D = ("shuffle", "tf_same")
 
     def __init__(self, kind: str, nd: int, c: int, act: str) -> None:
@@ -746,6 +747,13 @@ class _Idiom(nn.Module):
         elif kind == "attention":  # conv -> BN -> act -> an attention submodule no fold touches (called whole)
             self.conv, self.bn, self.attn = conv(c, c, 3, padding=1, bias=False), bn(c), _Attention(nd, c)
             counts = _counts(conv=3)
+        elif kind == "tokens":  # MaxViT's stage change: a Linear on channels-last tokens, permuted back, then
+            # a BatchNormAct -> 1x1 conv and a pooled shortcut: only the BN's statistics give the channel count
+            self.fc, self.norm = nn.Linear(c, c), _BNAct(nd, c, None)
+            self.conv = conv(c, c, 1)
+            self.shortcut = nn.Sequential(_POOL[nd](3, 1, 1), conv(c, c, 1, bias=False))
+            counts = _counts(conv=2, linear=1)
+            costlier = _counts(conv=1, linear=1)  # allow_costlier: the pooled 1x1 as a 3x3, summed with the other
         elif kind == "tf_same":  # run-time padded conv (untraceable) -> BN
             self.conv, self.bn = _SameConv(c, c, 3, stride=1, bias=False), bn(c)
             counts = _counts(conv=1)
@@ -787,6 +795,10 @@ class _Idiom(nn.Module):
             return self.act(x + a * (self.bn(self.fc2(self.act(self.fc1(x)))) - x))
         if k == "attention":
             return self.attn(self.act(self.bn(self.conv(x))))
+        if k == "tokens":
+            t = x.permute(0, *range(2, self.nd + 2), 1)
+            y = (t + self.fc(t)).permute(0, self.nd + 1, *range(1, self.nd + 1))
+            return self.act(self.shortcut(y) + self.conv(self.norm(y)))
         if k == "shuffle":
             y = torch.cat([self.a(x), self.b(x)], 1)
             b, c, h, w = y.shape
@@ -875,8 +887,8 @@ def architectures(
     its input's rank, BNs on split pieces of one conv, MixConv (concatenated per-group kernels then BN), a BN
     read by several 1x1 convs, a ``[C, 1, ...]`` layer scale, BN -> act -> conv (its BN stays), YOLO's C2f
     (a list of a conv's chunks, extended and concatenated), an attention submodule after a conv+BN that no
-    fold touches (the result calls it whole), and in 2-D a channel shuffle and a TF-"same" conv padded at run
-    time.
+    fold touches (the result calls it whole), MaxViT's stage change (channels-last tokens permuted back, a
+    BatchNormAct then a 1x1 conv), and in 2-D a channel shuffle and a TF-"same" conv padded at run time.
     """
     nd = int(_resolve(draw, ndim, st.integers(1, 3)))
     cin = int(_resolve(draw, in_channels, st.integers(1, 4)))

@@ -320,6 +320,33 @@ def test_linear_then_bn_on_flattened_tokens(example: bool) -> None:
     assert ops(fused, x)["batch_norm"] == 0, rep
 
 
+class TokensToMap(nn.Module):
+    """MaxViT's stage change: channels-last tokens (a Linear on them) permuted back to NCHW, read by a pooled
+    1x1 shortcut and by a BatchNormAct then a 1x1 conv.  No conv reads the permuted value directly: only the
+    BN's statistics say how many channels it has."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(C, C)
+        self.shortcut = nn.Sequential(nn.AvgPool2d(2, 2), nn.Conv2d(C, 8, 1, bias=False))
+        self.pre_norm = BNAct2d(C, act=False)
+        self.conv = nn.Conv2d(C, 8, 1, stride=2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.permute(0, 2, 3, 1)
+        y = (t + self.fc(t)).permute(0, 3, 1, 2)
+        return self.shortcut(y) + self.conv(self.pre_norm(y))
+
+
+def test_bn_statistics_give_the_channel_count_of_its_input() -> None:
+    torch.manual_seed(0)
+    model = TokensToMap()
+    x = x_of(2, C, 8, 8)
+    fused, rep = fuse_checked(model, x, example=False)
+    assert ops(fused, x) == {"conv": 2, "batch_norm": 0, "linear": 1}, rep
+    assert not rep.bn_left, rep
+
+
 class PreNorm(nn.Module):
     """A BN read by three unpadded 1x1 convs (q, k, v of an attention-like block) and a Linear head."""
 
