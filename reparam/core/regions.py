@@ -569,8 +569,9 @@ def plan(graph: LinearGraph, *, allow_costlier: bool = False, per_channel_terms:
 
     Unless ``allow_costlier``, a region whose collapsed convs would cost more MACs than its original ops
     is planned again with every step inside it guarded: a step that raises the cost is refused (and cut).
-    A region whose rewrite would not reduce the op count is planned again without folding ops into sums
-    of several sources, so the parts of it that do shrink (a conv and its BN) are still collapsed.  Before
+    A region whose rewrite would not reduce the op count, or (unless ``allow_costlier``) would run more
+    convs than it has, is planned again without folding ops into sums of several sources, so the parts of
+    it that do shrink (a conv and its BN) are still collapsed.  Before
     either guard, such regions are re-planned with their values read several times materialized.
 
     A per-channel op (BN, affine) of a source summed with other sources would be a conv of its own: refused
@@ -598,7 +599,10 @@ def plan(graph: LinearGraph, *, allow_costlier: bool = False, per_channel_terms:
         costly = [] if allow_costlier else [r for r in result.regions if _macs_after(r) > _original_cost(planner, r)
                                             or _macs_after(r) > _original_weights(graph, r)]  # MACs per
         # output position of a kernel are its weight count: the second test is the weights stored
-        unworthy = [r for r in result.regions if not r.worthwhile and len(r.nodes) > 1]
+        # (one that would run more convs than it has is refused below: planned again the same way, its parts
+        # that do not need a conv of their own still collapse, e.g. a BN after a residual sum into the next conv)
+        unworthy = [r for r in result.regions if len(r.nodes) > 1 and (
+            not r.worthwhile or (not allow_costlier and r.convs_after > r.convs_before))]
         bad = costly + unworthy
         if bad:
             # first undo the optional choice (computing a value read several times inline), then guard steps

@@ -210,6 +210,27 @@ def test_cost_guard_is_per_region():
     check_plan(g, p, x_of(c, 5, 6))
 
 
+def test_bn_after_a_residual_sum_folds_into_the_next_conv():
+    """InceptionNeXt's stage change: ``y = gamma * fc2(h) + x`` then BN then an unpadded 2x2/2 conv.  Composed
+    through the sum, the BN's region would need a conv for ``x``'s path of its own (refused); planned again
+    without folding into sums, the layer scale folds into fc2 and the BN into the 2x2 conv."""
+    c = 4
+    g = LinearGraph()
+    g.input("x", c, 2)
+    g.add("h", None, ["x"], channels=2 * c, ndim=2, payload=lambda vs: np.concatenate([relu(vs), vs[0]], 1))
+    g.add("fc2", conv(2 * c, c, 1), ["h"])
+    g.add("scale", Affine(scale=RNG.uniform(0.5, 2, c)), ["fc2"])
+    g.add("y", Add(), ["scale", "x"])
+    g.add("norm", bn(c), ["y"])
+    g.add("down", conv(c, 2 * c, 2, pad=0, stride=2), ["norm"])
+    g.mark_output("down")
+    p = plan(g)
+    applied = [r for r in p.regions if r.worthwhile]
+    assert sorted(r.exit for r in applied) == ["down", "y"], p
+    assert sum(r.convs_after for r in applied) == 2 and not [r for r in p.regions if r.blocked]
+    check_plan(g, p, x_of(c, 6, 4))
+
+
 def test_shared_value_and_outputs_are_materialized():
     g = LinearGraph()
     g.input("x", 3, 1)
