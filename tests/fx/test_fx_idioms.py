@@ -347,6 +347,31 @@ def test_bn_statistics_give_the_channel_count_of_its_input() -> None:
     assert not rep.bn_left, rep
 
 
+class StageChange(nn.Module):
+    """InceptionNeXt's stage change: a block ends in ``x + gamma * fc2(act(fc1(x)))``, the next stage starts
+    with BN then an unpadded 2x2/2 conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(C, 4 * C, 1), nn.Conv2d(4 * C, C, 1)
+        self.gamma = nn.Parameter(0.5 + torch.rand(C))
+        self.down = nn.Sequential(nn.BatchNorm2d(C), nn.Conv2d(C, 2 * C, 2, stride=2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._assert(x.ndim == 4, "expected NCHW")  # (as timm's norm layers check: the layer scale is per-channel)
+        y = self.fc2(F.gelu(self.fc1(x)))
+        return self.down(x + y.mul(self.gamma.reshape(1, -1, 1, 1)))
+
+
+def test_bn_after_a_residual_sum_folds_into_the_next_conv() -> None:
+    torch.manual_seed(0)
+    model = StageChange()
+    x = x_of(2, C, 8, 8)
+    fused, rep = fuse_checked(model, x, example=False)
+    assert count_executed_ops(fused, x)["mul"] == 0, rep  # the layer scale is in fc2
+    assert ops(fused, x) == {"conv": 3, "batch_norm": 0, "linear": 0}, rep
+
+
 class PreNorm(nn.Module):
     """A BN read by three unpadded 1x1 convs (q, k, v of an attention-like block) and a Linear head."""
 
