@@ -20,7 +20,7 @@ from ..torch_ops import _BNS, plain_forward, torch_base
 from .aten import is_aten, normalize
 from .counting import graph_counts, static_counts
 from .facts import drop_implied_checks, fold_constants, infer_ranks
-from .folds import apply_folds
+from .folds import apply_folds, move_shape_reads
 from .leftovers import Explainer
 from .parents import carry_attributes, keep_face, reads_inside
 from .patching import tracing_session
@@ -212,6 +212,7 @@ def _fuse_traced(ws: Workspace, prefix: str, opts: Options, out: Build, memo: di
     removed = len(rep.removed)
     dropped = drop_identities(ws, rep, prefix)  # not a change of its own: alone, it is not worth a new module
     checks = drop_implied_checks(ws)  # (nor is this)
+    move_shape_reads(ws)  # (nor this)
     changed = _fuse_opaque_leaves(ws, prefix, opts, out, rw, memo)
     fold_constants(ws)
     changed += store_constants(ws, rep, rw, prefix)

@@ -66,6 +66,23 @@ def bn_of(node: fx.Node, gm: Workspace) -> tuple[BnRead, str, fx.Node] | None:
     return None
 
 
+def move_shape_reads(gm: Workspace) -> int:
+    """Point the size reads of a BN's output (``B, C, H, W = x.shape`` in an attention block, ``y.view_as(x)``)
+    at the value it normalizes, which has the same sizes, where every reader of the BN's data is a conv or
+    Linear it may fold into: a value whose sizes are read stays materialized (see
+    ``translate._anchor_shape_reads``), which kept such a BN.  Returns the number of reads moved."""
+    moved = 0
+    for node in reversed(gm.graph.nodes):  # (from the end: a read moves up a chain of BNs)
+        found = bn_of(node, gm)
+        reads = [u for u, kind in metadata_users(node).items() if kind == "shape"] if found else []
+        if not reads or not all(u.args and u.args[0] is node and conv_of(u, gm) for u in data_users(node)):
+            continue
+        for u in reads:
+            u.replace_input_with(node, found[2])
+        moved += len(reads)
+    return moved
+
+
 def batch_norms(gm: Workspace) -> Iterator[tuple[fx.Node, BnRead, str, fx.Node]]:
     """Each batch norm of the graph (as it is when reached: rules may erase nodes as they go), with how to
     read it, its label and its input."""
@@ -587,4 +604,4 @@ def apply_folds(gm: Workspace, ranks: dict[fx.Node, int], report: FuseReport, rw
 
 
 __all__ = ["apply_folds", "bn_of", "conv_of", "fold_after_concat", "fold_forward", "fold_into_opaque_convs",
-           "fold_on_slices", "fold_through_reshape", "probe_conv"]
+           "fold_on_slices", "fold_through_reshape", "move_shape_reads", "probe_conv"]

@@ -690,11 +690,25 @@ class _Attention(nn.Module):
         return x + (x.flatten(2) @ a.transpose(1, 2)).view(x.shape)
 
 
+class _ShapeAttention(nn.Module):
+    """Attention over positions that reads its input's sizes (``x.shape``) and projects it with one qkv conv."""
+
+    def __init__(self, nd: int, c: int) -> None:
+        super().__init__()
+        self.qkv, self.proj = _CONV[nd](c, 3 * c, 1, bias=False), _CONV[nd](c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c = x.shape[:2]
+        q, k, v = self.qkv(x).reshape(b, 3, c, -1).unbind(1)
+        a = torch.softmax(q.transpose(1, 2) @ k / c**0.5, -1)
+        return self.proj((v @ a.transpose(1, 2)).reshape(x.shape))
+
+
 class _Idiom(nn.Module):
     """One idiom stage; ``kind`` names it, ``counts`` is what runs after fusion, ``out_channels`` its width."""
 
     KINDS_ANY = ("bnact", "split_bn", "mixconv", "prenorm", "layerscale", "preact", "gated", "c2f", "attention",
-                 "tokens")
+                 "tokens", "normed_attention")
     KINDS_2D = ("shuffle", "tf_same")
 
     def __init__(self, kind: str, nd: int, c: int, act: str) -> None:
@@ -754,6 +768,9 @@ class _Idiom(nn.Module):
             self.shortcut = nn.Sequential(_POOL[nd](3, 1, 1), conv(c, c, 1, bias=False))
             counts = _counts(conv=2, linear=1)
             costlier = _counts(conv=1, linear=1)  # allow_costlier: the pooled 1x1 as a 3x3, summed with the other
+        elif kind == "normed_attention":  # x + attn(bn(x)) (Visformer): the BN's sizes are read, it folds into qkv
+            self.norm, self.attn = bn(c), _ShapeAttention(nd, c)
+            counts = _counts(conv=2)
         elif kind == "tf_same":  # run-time padded conv (untraceable) -> BN
             self.conv, self.bn = _SameConv(c, c, 3, stride=1, bias=False), bn(c)
             counts = _counts(conv=1)
@@ -795,6 +812,8 @@ class _Idiom(nn.Module):
             return self.act(x + a * (self.bn(self.fc2(self.act(self.fc1(x)))) - x))
         if k == "attention":
             return self.attn(self.act(self.bn(self.conv(x))))
+        if k == "normed_attention":
+            return x + self.attn(self.norm(x))
         if k == "tokens":
             t = x.permute(0, *range(2, self.nd + 2), 1)
             y = (t + self.fc(t)).permute(0, self.nd + 1, *range(1, self.nd + 1))
@@ -888,7 +907,8 @@ def architectures(
     read by several 1x1 convs, a ``[C, 1, ...]`` layer scale, BN -> act -> conv (its BN stays), YOLO's C2f
     (a list of a conv's chunks, extended and concatenated), an attention submodule after a conv+BN that no
     fold touches (the result calls it whole), MaxViT's stage change (channels-last tokens permuted back, a
-    BatchNormAct then a 1x1 conv), and in 2-D a channel shuffle and a TF-"same" conv padded at run time.
+    BatchNormAct then a 1x1 conv), ``x + attn(bn(x))`` with an attention reading its input's sizes, and in 2-D
+    a channel shuffle and a TF-"same" conv padded at run time.
     """
     nd = int(_resolve(draw, ndim, st.integers(1, 3)))
     cin = int(_resolve(draw, in_channels, st.integers(1, 4)))

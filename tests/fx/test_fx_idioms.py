@@ -372,6 +372,43 @@ def test_bn_after_a_residual_sum_folds_into_the_next_conv() -> None:
     assert ops(fused, x) == {"conv": 3, "batch_norm": 0, "linear": 0}, rep
 
 
+class ShapeReadingAttention(nn.Module):
+    """Visformer's attention on a feature map: reads ``B, C, H, W = x.shape`` of its input, then one qkv conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.proj = nn.Conv2d(C, 3 * C, 1, bias=False), nn.Conv2d(C, C, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(x).reshape(b, 3, c, h * w).unbind(1)
+        a = torch.softmax(q.transpose(1, 2) @ k / c**0.5, -1)
+        return self.proj((v @ a.transpose(1, 2)).reshape(b, c, h, w))
+
+
+class NormedAttention(nn.Module):
+    """``x + attn(bn(x))`` (Visformer, CoAtNet's BN variant): the BN's output sizes are read, its data only by
+    the qkv conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn(C, C, 3)
+        self.norm, self.attn = nn.BatchNorm2d(C), ShapeReadingAttention()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return x + self.attn(self.norm(x))
+
+
+def test_bn_whose_sizes_are_read_folds_into_the_conv_after_it() -> None:
+    torch.manual_seed(0)
+    model = NormedAttention()
+    x = x_of(2, C, 6, 5)
+    fused, rep = fuse_checked(model, x, example=False)
+    assert ops(fused, x) == {"conv": 3, "batch_norm": 0, "linear": 0}, rep
+    assert_equivalent(model, fused, x_of(1, C, 4, 7))  # the sizes read are still the input's
+
+
 class PreNorm(nn.Module):
     """A BN read by three unpadded 1x1 convs (q, k, v of an attention-like block) and a Linear head."""
 

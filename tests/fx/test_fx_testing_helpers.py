@@ -186,7 +186,8 @@ def test_architectures_shape(net: RepNet) -> None:
     x = net.example_input(batch=3)
     with torch.no_grad():
         assert net(x).shape[0] == 3 and net(x).dim() == 2
-    assert net.expected_ops(False) is not None and net.expected_ops(False)["linear"] == 2
+    linears = sum(isinstance(m, nn.Linear) for m in net.modules())  # the head's two, an idiom's own: each runs once
+    assert net.expected_ops(False) is not None and net.expected_ops(False)["linear"] == linears >= 2
 
 
 def test_kinds_are_documented() -> None:
