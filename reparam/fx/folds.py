@@ -127,12 +127,18 @@ def _new_conv(conv: core.Conv, like: torch.Tensor, checked: bool = False) -> nn.
     return m
 
 
-def _folded_conv(conv: core.Conv, norm: core.Affine | core.BatchNorm, like: torch.Tensor) -> nn.Module:
-    """``norm(conv(x))`` as a fresh module like :func:`_new_conv`'s, the kernel computed straight into the
-    module's tensor where its dtype is the conv's (as the region rewrite does)."""
+def _fold_into(conv: core.Conv, norm: core.Affine | core.BatchNorm, like: torch.Tensor) -> tuple[core.Conv, bool]:
+    """``core.fold_bn(conv, norm)``, the kernel computed straight into a new tensor of ``like``'s dtype where
+    that is the conv's (as the region rewrite does), and whether it is (so in that dtype and checked finite)."""
     out = kernel_buffer(conv.weight.shape, like.dtype, like.device) if conv.dtype == numpy_dtype(like.dtype) \
         else None
-    return _new_conv(core.fold_bn(conv, norm, out=out), like, checked=out is not None)
+    return core.fold_bn(conv, norm, out=out), out is not None
+
+
+def _folded_conv(conv: core.Conv, norm: core.Affine | core.BatchNorm, like: torch.Tensor) -> nn.Module:
+    """``norm(conv(x))`` as a fresh module like :func:`_new_conv`'s."""
+    folded, checked = _fold_into(conv, norm, like)
+    return _new_conv(folded, like, checked=checked)
 
 
 def _affine(parts: list[tuple[int, core.Affine | None]]) -> core.Affine:
@@ -285,11 +291,8 @@ def _folded_custom(m: nn.Module, bn: core.BatchNorm) -> nn.Module:
     why = probe_conv(m)
     if why is not None:
         raise NotFusable(f"its forward is not a plain conv, and it cannot be shown to be one: {why}")
-    conv = core.Conv(read_only(m.weight), to_numpy(m.bias), groups=m.groups)
-    out = kernel_buffer(conv.weight.shape, m.weight.dtype, m.weight.device) \
-        if conv.dtype == numpy_dtype(m.weight.dtype) else None
-    folded = core.fold_bn(conv, bn, out=out)
-    weight = nn.Parameter(to_tensor(folded.weight, m.weight, checked=out is not None).contiguous(
+    folded, checked = _fold_into(core.Conv(read_only(m.weight), to_numpy(m.bias), groups=m.groups), bn, m.weight)
+    weight = nn.Parameter(to_tensor(folded.weight, m.weight, checked=checked).contiguous(
         memory_format=_layout(m.weight)))
     bias = nn.Parameter(to_tensor(folded.bias, m.weight, what="fused bias"))
     # a copy of the module with the folded tensors in place of its own (those are not copied first)

@@ -135,20 +135,16 @@ def _shape(node, ctx: _Ctx, op, inputs) -> tuple[int | None, int | None]:
     rank = ctx.ranks.get(node)
     if isinstance(op, core.Conv):
         return op.out_channels, op.ndim
-    if node.op == "call_module":
-        m = gm.get_submodule(node.target)
-        if isinstance(m, _BNS):
-            nd = {nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}.get(type(m))
-            if nd is None and rank is not None:
-                nd = rank - 2
-            if nd is None and inputs:
-                nd = info.get(inputs[0].name, (None, None))[1]
-            return m.num_features, nd
-    if isinstance(op, core.BatchNorm):  # F.batch_norm (timm's norm-act layers): its statistics fix dim 1
-        nd = rank - 2 if rank is not None and rank >= 2 else None
+    # a batch norm's statistics fix dim 1 of what it reads: a BN module (also one refused here), or
+    # F.batch_norm (timm's norm-act layers)
+    m = gm.get_submodule(node.target) if node.op == "call_module" else None
+    if isinstance(m, _BNS) or isinstance(op, core.BatchNorm):
+        nd = {nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}.get(type(m))
+        if nd is None and rank is not None:
+            nd = rank - 2
         if nd is None and inputs:
             nd = info.get(inputs[0].name, (None, None))[1]
-        return op.channels, nd
+        return (m.num_features if isinstance(m, _BNS) else op.channels), nd
     keeps_shape = (op is not None and not isinstance(op, (core.AvgPool, core.Pad))) or (
         node.op == "call_module" and isinstance(gm.get_submodule(node.target), _ELEMENTWISE_MODULES)) or (
         node.op == "call_function" and node.target in _ELEMENTWISE_FUNCS)
