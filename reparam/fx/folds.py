@@ -17,6 +17,7 @@ gives.  All weight math is the core's (:func:`reparam.core.fold_bn`, :func:`repa
 
 from __future__ import annotations
 
+import collections
 import operator
 from collections.abc import Callable, Iterator
 
@@ -208,9 +209,46 @@ def _same(a: object, b: torch.Tensor | None) -> bool:
     return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
 
+_PLAIN_STATE = (int, float, bool, str, type(None), torch.dtype, torch.device)
+_PROBED: dict[tuple, str | None] = {}  # probe_key -> verdict (bounded: cleared when full)
+
+
+def probe_key(m: nn.Module) -> tuple | None:
+    """What a probe's verdict depends on: ``m``'s class (its forward code) and plain settings, and the layout
+    of its tensors, never their values.  None when ``m`` holds anything else (submodules, hooks, objects),
+    which could change what its forward does: such a module is probed every time."""
+    if m._modules:
+        return None
+    plain = []
+    for k, v in vars(m).items():
+        if k in ("_parameters", "_buffers"):
+            continue
+        if type(v) in _PLAIN_STATE or (type(v) is tuple and all(type(x) in _PLAIN_STATE for x in v)):
+            plain.append((k, v))
+        elif not (type(v) in (dict, set, collections.OrderedDict) and not v) and not (
+                k == "_non_persistent_buffers_set" and type(v) is set and all(type(x) is str for x in v)):
+            return None
+    tensors = tuple((k, None if t is None else (tuple(t.shape), t.stride(), t.dtype, t.device))
+                    for table in (m._parameters, m._buffers) for k, t in table.items())
+    return type(m), type(m).forward, tuple(plain), tensors
+
+
 def probe_conv(m: nn.Module) -> str | None:
     """None when ``m``'s forward is one convolution with ``m.weight`` and ``m.bias`` whose result it
-    returns (so BN folds into those tensors exactly); else why not.  Runs ``m`` on two small inputs."""
+    returns (so BN folds into those tensors exactly); else why not.  Runs ``m`` on two small inputs, once
+    for each :func:`probe_key` (a net's many TF-"same" convs share a few: each probe costs about 1 ms)."""
+    key = probe_key(m)
+    if key is not None and key in _PROBED:
+        return _PROBED[key]
+    why = _probe(m)
+    if key is not None:
+        if len(_PROBED) >= 1024:
+            _PROBED.clear()
+        _PROBED[key] = why
+    return why
+
+
+def _probe(m: nn.Module) -> str | None:
     w, b = m.weight, m.bias
     nd = w.dim() - 2
     k, s, d = m.kernel_size, m.stride, m.dilation

@@ -287,6 +287,39 @@ def test_custom_conv_that_is_not_a_plain_conv_keeps_its_bn() -> None:
     assert left.where == "1" and left.kind == "not-foldable" and "weight" in left.reason, rep
 
 
+class SwitchedConv(Conv2dSame):
+    """A run-time padded conv whose forward depends on a plain setting: doubled, it is no plain conv."""
+
+    def __init__(self, *args, double: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.double = double
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return y * 2 if self.double else y
+
+
+def test_probe_verdicts_follow_each_module_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe of a conv subclass runs once per class and setting (a net has many alike), never reused for a
+    module whose plain settings differ."""
+    from reparam.fx import folds
+
+    runs = []
+    probe = folds._probe
+    monkeypatch.setattr(folds, "_probe", lambda m: runs.append(m) or probe(m))
+    monkeypatch.setattr(folds, "_PROBED", {})
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for d in (False, False, True, False) for m in (
+        SwitchedConv(C, C, 3, bias=False, double=d), nn.BatchNorm2d(C))])
+    x = x_of(2, C, 9, 9)
+    fused, rep = fuse_checked(model, x)
+    assert ops(fused, x)["batch_norm"] == 1, rep
+    (left,) = rep.bn_left
+    assert left.where == "5" and "changes the convolution's result" in left.reason, rep
+    # plain: the module, then its folded copy with a bias; doubled: the module; the other plain ones: cached
+    assert len(runs) == 3, [type(m).__name__ for m in runs]
+
+
 class LinearNorm(nn.Module):
     """LeViT's Linear + BatchNorm1d on tokens: the BN reads a flattened view, the result is reshaped back."""
 
