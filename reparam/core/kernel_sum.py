@@ -228,8 +228,11 @@ class _Blocks:
 def _add_rows(block: np.ndarray, p: Part, where: tuple, groups: int, r0: int, r1: int) -> None:
     """``block += rows r0:r1 of p`` placed at ``where``, in float64 (block-diagonal when ``p`` has more groups)."""
     w = p.conv.weight[r0:r1]
-    if p.scale is not None:
-        w = w * p.scale[r0:r1].reshape((-1,) + (1,) * (w.ndim - 1))
+    if p.scale is not None:  # widened, then scaled in place: numpy's mixed-type multiply is twice as slow
+        wide = np.empty(w.shape)
+        np.copyto(wide, w, casting="unsafe")
+        np.multiply(wide, p.scale[r0:r1].reshape((-1,) + (1,) * (w.ndim - 1)), out=wide)
+        w = wide
     if p.conv.groups == groups:
         block[(slice(None), *where[1:])] += w
     else:
