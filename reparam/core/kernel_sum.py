@@ -31,11 +31,13 @@ def placeholder(conv: Conv) -> Conv:
 
 @dataclass(frozen=True)
 class Part:
-    """``scale[o] * conv.weight`` (scale None means 1); ``unit`` marks the identity kernel of a source."""
+    """``scale[o] * conv.weight[o, c] * in_scale[i]``, ``i`` the input channel that ``[o, c]`` reads (a scale
+    None means 1); ``unit`` marks the identity kernel of a source."""
 
     conv: Conv
     scale: np.ndarray | None = None
     unit: bool = False
+    in_scale: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -56,11 +58,21 @@ class KernelSum:
     @property
     def is_unit(self) -> bool:
         """Exactly a source's identity (nothing applied yet)."""
-        return len(self.parts) == 1 and self.parts[0].unit and self.parts[0].scale is None
+        p = self.parts[0]
+        return len(self.parts) == 1 and p.unit and p.scale is None and p.in_scale is None
 
     def scaled(self, scale: np.ndarray) -> KernelSum:
         """The kernel with output channel ``o`` multiplied by ``scale[o]`` (float64), deferred."""
-        parts = tuple(Part(p.conv, scale if p.scale is None else p.scale * scale, p.unit) for p in self.parts)
+        parts = tuple(Part(p.conv, scale if p.scale is None else p.scale * scale, p.unit, p.in_scale)
+                      for p in self.parts)
+        return KernelSum(self.geometry, parts)
+
+    def scaled_inputs(self, scale: np.ndarray) -> KernelSum:
+        """The kernel applied to its input with channel ``i`` multiplied by ``scale[i]`` (float64): a per-channel
+        map (a BN, a layer scale) composed before it, deferred like :meth:`scaled`, so a large kernel is not
+        copied to float64 and multiplied whole while the planner decides."""
+        parts = tuple(Part(p.conv, p.scale, p.unit, scale if p.in_scale is None else p.in_scale * scale)
+                      for p in self.parts)
         return KernelSum(self.geometry, parts)
 
     def evaluate(self, dtype=np.float64, out: np.ndarray | None = None) -> np.ndarray:
@@ -174,10 +186,8 @@ class _Blocks:
                 b = buf[: j - i]
                 if main is None:
                     b.fill(0.0)
-                else:  # widened, then scaled in place: twice as fast as numpy's mixed-type multiply with casting
-                    np.copyto(b, main.conv.weight[i:j])
-                    if main.scale is not None:
-                        b *= main.scale[i:j].reshape((-1,) + (1,) * (b.ndim - 1))
+                else:
+                    _widened_rows(main, i, j, b)
                 target = b
                 if self.box is not None:
                     target = box_buf[: j - i]
@@ -191,14 +201,32 @@ class _Blocks:
         return all_finite(out[r0:r1] if dest is None else dest)
 
 
+def _widened_rows(p: Part, r0: int, r1: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows ``r0:r1`` of ``p`` in float64 (into ``out`` if given; without scales, a view of the weight may be
+    returned).  Widened first, then scaled in place: numpy's mixed-type multiply with casting is twice as slow;
+    the input scale is applied before the output scale, in the order the ops run."""
+    w = p.conv.weight[r0:r1]
+    if out is None:
+        if p.scale is None and p.in_scale is None:
+            return w
+        out = np.empty(w.shape)
+    np.copyto(out, w, casting="unsafe")
+    if p.in_scale is not None:
+        groups, per = p.conv.groups, w.shape[1]
+        tail = (1,) * (w.ndim - 2)
+        if groups == 1:
+            out *= p.in_scale.reshape((1, per) + tail)
+        else:  # row o reads the inputs of its group, o // (out / groups)
+            group = np.arange(r0, r1) // (p.conv.out_channels // groups)
+            out *= p.in_scale.reshape(groups, per)[group].reshape((r1 - r0, per) + tail)
+    if p.scale is not None:
+        out *= p.scale[r0:r1].reshape((-1,) + (1,) * (w.ndim - 1))
+    return out
+
+
 def _add_rows(block: np.ndarray, p: Part, where: tuple, groups: int, r0: int, r1: int) -> None:
     """``block += rows r0:r1 of p`` placed at ``where``, in float64 (block-diagonal when ``p`` has more groups)."""
-    w = p.conv.weight[r0:r1]
-    if p.scale is not None:  # widened, then scaled in place (as the main part is)
-        wide = np.empty(w.shape)
-        np.copyto(wide, w, casting="unsafe")
-        np.multiply(wide, p.scale[r0:r1].reshape((-1,) + (1,) * (w.ndim - 1)), out=wide)
-        w = wide
+    w = _widened_rows(p, r0, r1)
     if p.conv.groups == groups:
         block[(slice(None), *where[1:])] += w
     else:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .conv_algebra import avgpool_conv, compose, identity, pad_conv, reach
+from .conv_algebra import _is_channel_scale, avgpool_conv, compose, identity, pad_conv, reach
 from .errors import NotFusable, ReparamError
 from .kernel_sum import KernelSum, sum_kernels
 from .precision import cast_conv, conv64, f64
@@ -216,6 +216,16 @@ def _scaled(v: _Value, c: float) -> _Value:
     return _Value(terms, None if v.bias is None else v.bias * c, v.channels, v.ndim, v.priced, v.convs)
 
 
+def _composed(t: KernelSum, own: KernelSum) -> KernelSum:
+    """``own`` (a conv's kernel, one part) applied after ``t``.  A per-channel ``t`` (a BN or a scale folded
+    forward into the conv) stays deferred as an input scale of ``own``: no float64 copy of the conv's kernel
+    is made until the result is computed, once, into its target; otherwise :func:`compose` computes it."""
+    if _is_channel_scale(t.geometry):
+        scale = t.evaluate().reshape(-1)
+        return own if np.all(scale == 1) else own.scaled_inputs(scale)
+    return KernelSum.of(compose(t.geometry._evolve(weight=t.evaluate()), conv64(own.parts[0].conv)))
+
+
 def _weights(k: KernelSum) -> int:
     """Weights a kernel stores in the model (a source's identity stores none)."""
     return 0 if k.is_unit else int(k.geometry.weight.size)
@@ -338,9 +348,7 @@ class _Planner:
         if only_priced:
             terms = {s: KernelSum.of(t) for s, t in priced.items()}
         else:
-            terms = {s: own if t.is_unit
-                     else KernelSum.of(compose(t.geometry._evolve(weight=t.evaluate()), conv64(own.parts[0].conv)))
-                     for s, t in v.terms.items()}
+            terms = {s: own if t.is_unit else _composed(t, own) for s, t in v.terms.items()}
         bias = f64(b.bias)
         if v.bias is not None and np.any(v.bias != 0):
             if b.is_padded and b.padding_mode == "zeros":

@@ -18,11 +18,15 @@ NATIVE = (np.float64, np.float32, np.float16)
 
 
 def _deferred(data, convs):
-    """The scaled sum of ``convs`` (bias-free) as a KernelSum, with the op chains it stands for."""
+    """The scaled sum of ``convs`` (bias-free, some with their inputs scaled first) as a KernelSum, with the op
+    chains it stands for."""
     kernels, branches = [], []
     for c in convs:
         plain = c.with_(bias=None)
         k, ops = KernelSum.of(plain), [plain]
+        if data.draw(st.booleans(), label="input scale"):  # a per-channel map before the conv (a BN folded forward)
+            s = data.draw(rs.inputs((c.in_channels,), np.float64, scale=2.0), label="input scale")
+            k, ops = k.scaled_inputs(s), [Affine(scale=s), plain]
         for _ in range(data.draw(st.integers(0, 2), label="scales")):  # BNs folded one after another
             s = data.draw(rs.inputs((c.out_channels,), np.float64, scale=2.0), label="scale")
             k, ops = k.scaled(s), ops + [Affine(scale=s)]
@@ -140,3 +144,15 @@ def test_identity_needs_every_row_not_only_the_first():
     scaled = KernelSum.of(Conv(eye.copy())).scaled(np.array([1.0, 1.0, 1.0, 1.0, 2.0]))
     assert not _is_identity(Term("x", scaled))
     assert _is_identity(Term("x", KernelSum.of(Conv(eye * 2)).scaled(np.full(5, 0.5))))
+
+
+def test_an_input_scale_of_a_grouped_kernel_scales_each_group_s_own_inputs():
+    """Output channel o of a grouped conv reads input channels of its group only: the deferred input scale is
+    the float64 product with the per-group channel scale, rounded once (against a direct numpy product)."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((12, 2, 3, 3)).astype(np.float32)  # 3 groups: 4 outputs, 2 inputs each
+    s_in, s_out = rng.standard_normal(6), rng.standard_normal(12)
+    got = KernelSum.of(Conv(w, padding=1, groups=3)).scaled_inputs(s_in).scaled(s_out).evaluate(np.float32)
+    group_inputs = s_in.reshape(3, 1, 2).repeat(4, axis=1).reshape(12, 2)
+    want = (w.astype(np.float64) * group_inputs[:, :, None, None] * s_out[:, None, None, None]).astype(np.float32)
+    np.testing.assert_array_equal(got, want)
