@@ -156,3 +156,23 @@ def test_an_input_scale_of_a_grouped_kernel_scales_each_group_s_own_inputs():
     group_inputs = s_in.reshape(3, 1, 2).repeat(4, axis=1).reshape(12, 2)
     want = (w.astype(np.float64) * group_inputs[:, :, None, None] * s_out[:, None, None, None]).astype(np.float32)
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", NATIVE)
+def test_finiteness_check_finds_every_nan_and_infinity(dtype):
+    """``all_finite`` against ``np.isfinite``: one bad value anywhere, values whose squares overflow (the fast
+    sum-of-squares check is then not finite, yet every value is), and a non-contiguous view."""
+    from reparam.core.precision import all_finite
+
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((9, 4, 3, 3)).astype(dtype)
+    assert all_finite(a) and all_finite(a[:, ::2]) and all_finite(a[:0])
+    for bad in (np.nan, np.inf, -np.inf):
+        for at in [(0, 0, 0, 0), (8, 3, 2, 2), tuple(rng.integers(0, 3, 4))]:
+            b = a.copy()
+            b[at] = bad
+            assert not all_finite(b) and not all_finite(b[:, :, :, :])
+    huge = np.full((5, 2), np.finfo(dtype).max / 2, dtype)
+    assert all_finite(huge) == bool(np.isfinite(huge).all())
+    huge[2, 1] = np.inf
+    assert not all_finite(huge)
