@@ -17,7 +17,6 @@ gives.  All weight math is the core's (:func:`reparam.core.fold_bn`, :func:`repa
 
 from __future__ import annotations
 
-import collections
 import operator
 from collections.abc import Callable, Iterator
 
@@ -45,7 +44,7 @@ from ..torch_ops import (
 from .facts import data_users, metadata_users
 from .report import FuseReport, RegionReport
 from .rewrite import Part, Rewrite, _layout, _mutates, kernel_buffer, redirect_metadata
-from .tracing import brief, safe_deepcopy
+from .tracing import brief, safe_deepcopy, setting_kind
 from .translate import _CONV_FUNCS, _bn_function, _conv_function
 from .workspace import Workspace
 
@@ -209,7 +208,6 @@ def _same(a: object, b: torch.Tensor | None) -> bool:
     return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
 
-_PLAIN_STATE = (int, float, bool, str, type(None), torch.dtype, torch.device)
 _PROBED: dict[tuple, str | None] = {}  # probe_key -> verdict (bounded: cleared when full)
 
 
@@ -223,11 +221,11 @@ def probe_key(m: nn.Module) -> tuple | None:
     for k, v in vars(m).items():
         if k in ("_parameters", "_buffers"):
             continue
-        if type(v) in _PLAIN_STATE or (type(v) is tuple and all(type(x) in _PLAIN_STATE for x in v)):
-            plain.append((k, v))
-        elif not (type(v) in (dict, set, collections.OrderedDict) and not v) and not (
-                k == "_non_persistent_buffers_set" and type(v) is set and all(type(x) is str for x in v)):
+        kind = setting_kind(v)
+        if kind is None:
             return None
+        if kind != "empty":
+            plain.append((k, v if kind == "value" else frozenset(v)))
     tensors = tuple((k, None if t is None else (tuple(t.shape), t.stride(), t.dtype, t.device))
                     for table in (m._parameters, m._buffers) for k, t in table.items())
     return type(m), type(m).forward, tuple(plain), tensors

@@ -516,6 +516,21 @@ def _to_copy(root: nn.Module, memo: dict) -> list[nn.Module]:
 _IMMUTABLE = _PLAIN | {torch.Size}
 
 
+def setting_kind(v: Any) -> str | None:
+    """What a module's plain attribute is: ``"value"`` (an immutable number, string, dtype... or a tuple of
+    them), ``"empty"`` (an empty dict, set or list, such as an unused hook table), ``"names"`` (a set of
+    strings, such as the non-persistent buffer names), None for anything else (an object whose state could
+    change what the module does)."""
+    kind = type(v)
+    if kind in _IMMUTABLE or (kind is tuple and all(type(x) in _IMMUTABLE for x in v)):
+        return "value"
+    if kind in (dict, collections.OrderedDict, set, list) and not v:
+        return "empty"
+    if kind is set and all(type(x) is str for x in v):
+        return "names"
+    return None
+
+
 def _copy_layer(m: nn.Module, memo: dict) -> None:
     """Put a copy of ``m`` in ``memo`` when it is a standard layer holding only numbers, strings, empty hook
     dicts, parameters and buffers (anything else is left to ``copy.deepcopy``)."""
@@ -524,17 +539,13 @@ def _copy_layer(m: nn.Module, memo: dict) -> None:
         return
     state = {}
     for k, v in m.__dict__.items():
-        kind = type(v)
         if k == "_parameters" or k == "_buffers":
             state[k] = {n: None if t is None else copy.deepcopy(t, memo) for n, t in v.items()}
-        elif kind in _IMMUTABLE or (kind is tuple and all(type(x) in _IMMUTABLE for x in v)):
-            state[k] = v
-        elif kind in (dict, collections.OrderedDict, set, list) and not v:
-            state[k] = kind()
-        elif kind is set and all(type(x) is str for x in v):
-            state[k] = set(v)
-        else:
+            continue
+        kind = setting_kind(v)
+        if kind is None:
             return
+        state[k] = v if kind == "value" else type(v)(v)
     new = object.__new__(cls)
     object.__setattr__(new, "__dict__", state)
     memo[id(m)] = new
