@@ -474,3 +474,58 @@ def test_math_calls_are_recorded_with_math_functions_as_targets() -> None:
         assert targets.count(math.sqrt) == 4, targets  # the functions themselves, not session wrappers
     fused, _ = fuse_checked(model, x_of(2, C, 6, 6), example=False)
     assert ops(fused, x_of(2, C, 6, 6))["batch_norm"] == 0
+
+
+class _Scaled(nn.Module):
+    def __init__(self, k: float) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(C, C, 3, padding=1)
+        self.k = k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) * self.k
+
+
+class _Flagged(nn.Module):
+    """Reads the untraceable parent's plain attribute, so the parent is fused child by child (as YOLO)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Sequential(conv_bn(C, C, 3), nn.ReLU()) for _ in range(3)])
+        self.odd = nn.Sequential(conv_bn(C, C, 1), nn.ReLU(), nn.Hardswish())  # (another graph)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = b(x) if x.sum() > -1e30 else x  # (control flow on a value: the parent cannot be traced)
+        return self.odd(x)
+
+
+def test_identical_graphs_share_their_code_and_keep_their_own_weights():
+    """Inside a session, GraphModules of identical graphs share one compiled forward; each still computes
+    with its own module's weights, graphs that differ (a constant's sign, a target) get code of their own,
+    and fx's code generator is itself again afterwards."""
+    python_code = fx.Graph.python_code
+    mods = [_Scaled(0.5), _Scaled(0.5), _Scaled(-0.0), _Scaled(0.0)]
+    x = x_of(2, C, 8, 8)
+    with tracing_session():
+        gms = [fx.symbolic_trace(m) for m in mods]
+    assert fx.Graph.python_code is python_code
+    assert type(gms[0]).forward is type(gms[1]).forward
+    assert len({type(g).forward for g in gms}) == 3 and "-0.0" in gms[2].code and "-0.0" not in gms[3].code
+    for m, g in zip(mods, gms):
+        torch.testing.assert_close(g(x), m(x), rtol=0, atol=0)
+    outside = [fx.symbolic_trace(m) for m in mods[:2]]
+    assert type(outside[0]).forward is not type(outside[1]).forward
+
+
+def test_children_fused_one_by_one_share_code_and_compute_their_own_values():
+    """The same, through reparam.fuse: the three blocks share the code of their one graph, the last child (another
+    graph) has its own, and the model computes what it did."""
+    torch.manual_seed(0)
+    model = _Flagged().eval()
+    x = x_of(2, C, 8, 8)
+    fused, _ = fuse_checked(model, x)
+    children = [fused.blocks[i] for i in range(3)]
+    assert all(isinstance(c, fx.GraphModule) for c in children) and isinstance(fused.odd, fx.GraphModule)
+    assert len({type(c).forward for c in children}) == 1 and type(fused.odd).forward is not type(children[0]).forward
+    assert ops(fused, x)["batch_norm"] == 0
