@@ -58,8 +58,8 @@ class KernelSum:
     @property
     def is_unit(self) -> bool:
         """Exactly a source's identity (nothing applied yet)."""
-        p = self.parts[0]
-        return len(self.parts) == 1 and p.unit and p.scale is None and p.in_scale is None
+        return len(self.parts) == 1 and self.parts[0].unit and self.parts[0].scale is None and (
+            self.parts[0].in_scale is None)
 
     def scaled(self, scale: np.ndarray) -> KernelSum:
         """The kernel with output channel ``o`` multiplied by ``scale[o]`` (float64), deferred."""

@@ -18,6 +18,7 @@ from .. import core
 from ..core.report import Leftover
 from ..torch_ops import _BNS, plain_forward, torch_base
 from .aten import is_aten, normalize
+from .codegen import shared_code
 from .counting import graph_counts, static_counts
 from .facts import drop_implied_checks, fold_constants, infer_ranks
 from .folds import apply_folds, move_shape_reads
@@ -77,7 +78,8 @@ class Options:
 
 def build(model: nn.Module, opts: Options, *, copy_model: bool = True) -> Build:
     """Fuse ``model`` (already in eval mode); the model itself is left as it is when ``copy_model``."""
-    with tracing_session():  # fx's patches applied once for all the traces below
+    # fx's patches applied once for all the traces below; the GraphModules made share identical graphs' code
+    with tracing_session(), shared_code():
         return _build(model, opts, copy_model)
 
 

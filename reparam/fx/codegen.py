@@ -9,7 +9,7 @@ target and arguments), and each compiled ``forward`` by its source and globals, 
 
 Only plain graphs are shared: fx's default code generator, no verbose or profiler-recording output (which
 read ``node.meta``), and arguments that are nodes or plain constants; any other graph is generated as
-usual.  The cache lives for one fusion: a later call, or a graph edited afterwards, generates its own code.
+usual.  The cache lives for one build (:func:`.build.build`): a later one generates its own code.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-import torch
 from torch import fx
+
+from .tracing import _PLAIN
 
 _gm = fx.graph_module
 _state = threading.local()  # .codes: graph key -> PythonCode; .forwards: source key -> (function, globals)
-_PLAIN = (int, float, bool, str, type(None), type(...), torch.dtype, torch.device, torch.memory_format, torch.layout)
 
 
 class _Unshared(Exception):

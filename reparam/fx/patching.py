@@ -31,8 +31,6 @@ from typing import Any
 
 from torch import fx, nn
 
-from .codegen import shared_code
-
 _fx = fx._symbolic_trace
 _graph = fx.graph
 _NEEDED = ("_Patcher", "_autowrap_check", "_create_wrapped_func", "CURRENT_PATCHER")
@@ -137,7 +135,6 @@ def tracing_session() -> Iterator[None]:
             patcher.patch(vars(_graph), "_snake_case", functools.lru_cache(maxsize=None)(_graph._snake_case))
         _state.active = True
         try:
-            with shared_code():  # (the GraphModules of a fusion share the code of identical graphs)
-                yield
+            yield
         finally:
             _state.active, _state.math_ids = False, None

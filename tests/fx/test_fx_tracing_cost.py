@@ -14,6 +14,7 @@ from fx_helpers import C, RepVGG, conv_bn, fuse_checked, ops, x_of
 from torch import fx, nn
 
 import reparam.fx.build as build
+from reparam.fx.codegen import shared_code
 from reparam.fx.patching import tracing_session
 from reparam.fx.tracing import _piece_count, trace
 
@@ -501,13 +502,13 @@ class _Flagged(nn.Module):
 
 
 def test_identical_graphs_share_their_code_and_keep_their_own_weights():
-    """Inside a session, GraphModules of identical graphs share one compiled forward; each still computes
+    """Inside shared_code(), GraphModules of identical graphs share one compiled forward; each still computes
     with its own module's weights, graphs that differ (a constant's sign, a target) get code of their own,
     and fx's code generator is itself again afterwards."""
     python_code = fx.Graph.python_code
     mods = [_Scaled(0.5), _Scaled(0.5), _Scaled(-0.0), _Scaled(0.0)]
     x = x_of(2, C, 8, 8)
-    with tracing_session():
+    with shared_code():
         gms = [fx.symbolic_trace(m) for m in mods]
     assert fx.Graph.python_code is python_code
     assert type(gms[0]).forward is type(gms[1]).forward
