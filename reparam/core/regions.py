@@ -334,7 +334,11 @@ class _Planner:
         own_cost = macs_per_output(b)
         before = _value_cost(v) * float(prod(b.stride)) + own_cost
         priced = {s: geo if t.is_unit else compose(t.geometry, geo, weights=False) for s, t in v.terms.items()}
-        stored = sum(_weights(t) for t in v.terms.values()) + (b.weight.size if key is not None else 0)
+        # a conv composed onto a value no conv has been folded into yet (a source's identity, BN, pool or pad)
+        # stores its own weights only, as the region's own test counts them (_original_weights)
+        first = key is not None and not v.convs
+        stored = (0 if first else sum(_weights(t) for t in v.terms.values())) + (
+            b.weight.size if key is not None else 0)
         composed = sum(t.weight.size for s, t in priced.items() if not v.terms[s].is_unit or key is not None)
         costlier = sum(macs_per_output(t) for t in priced.values()) > before or composed > stored
         if costlier and self.current in self.guarded:

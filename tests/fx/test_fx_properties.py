@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import reparam
-from reparam.testing import JOINS, architectures, assert_equivalent, count_executed_ops, rep_blocks
+from reparam.testing import JOINS, architectures, assert_equivalent, count_executed_ops, randomize_bn_, rep_blocks
+from reparam.testing.architectures import _Idiom
 
 _LINEAR_KEYS = ("conv", "batch_norm", "linear", "add", "mul", "avg_pool")
 
@@ -149,3 +150,17 @@ def test_random_architecture_sweep(net) -> None:
 @given(case=stacked_blocks())
 def test_stacked_blocks_sweep(case) -> None:
     _check_stacked(*case)
+
+
+@pytest.mark.parametrize("nd", [1, 2])
+def test_a_one_channel_pooled_shortcut_does_not_keep_the_bn_beside_it(nd) -> None:
+    """Regression (found by test_random_architecture_float64): with one channel, a guarded re-plan let the
+    pool compose into the shortcut's 1x1 conv (its step counted the pool's window as stored weights), so the
+    region stayed blocked by its own weight test and the BN before the other 1x1 conv was left unfused."""
+    torch.manual_seed(0)
+    idiom = _Idiom("tokens", nd, 1, "gelu").double().eval()
+    randomize_bn_(idiom, 0)
+    x = torch.randn((2, 1) + (6,) * nd, dtype=torch.float64)
+    fused = reparam.fuse(idiom, x)
+    assert_equivalent(idiom, fused, x, rtol=1e-9)
+    assert ops(fused, x) == idiom.expected(False) == {"conv": 2, "batch_norm": 0, "linear": 1}
