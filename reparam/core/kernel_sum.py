@@ -174,6 +174,12 @@ class _Blocks:
         """Compute output channels ``r0:r1`` (into ``dest``, holding just those rows, if given); True if they
         are all finite."""
         out, main = self.out, self.main
+        rows = out[r0:r1] if dest is None else dest
+        factor = None if self.rest or main is None else _one_factor(main, r0, r1)
+        if factor is not None:  # one ufunc call: widened, multiplied and rounded element by element
+            with np.errstate(over="ignore", invalid="ignore"):
+                np.multiply(main.conv.weight[r0:r1], factor, out=rows, dtype=np.float64, casting="unsafe")
+            return all_finite(rows)
         per = prod(out.shape[1:])
         step = max(1, min(r1 - r0, max(8, _BLOCK // max(per, 1))))
         buf = np.empty((step,) + out.shape[1:])
@@ -198,7 +204,21 @@ class _Blocks:
                     b[at] += target
                 np.copyto(out[i:j] if dest is None else dest[i - r0:j - r0], b, casting="unsafe")
         # one check over the rows written: cheaper than one per block (two reductions each), measured
-        return all_finite(out[r0:r1] if dest is None else dest)
+        return all_finite(rows)
+
+
+def _one_factor(p: Part, r0: int, r1: int) -> np.ndarray | None:
+    """The one float64 factor that rows ``r0:r1`` of ``p``'s weight are multiplied by, broadcast to them, when
+    ``p`` has a single scale (an output scale, or an input scale at one group); else None.  numpy's multiply
+    with a float64 loop then computes each element as the block loop does (widened, one product, rounded
+    once), without a float64 buffer."""
+    w = p.conv.weight
+    tail = (1,) * (w.ndim - 2)
+    if p.in_scale is None and p.scale is not None:
+        return p.scale[r0:r1].reshape((-1, 1) + tail)
+    if p.scale is None and p.in_scale is not None and p.conv.groups == 1:
+        return p.in_scale.reshape((1, w.shape[1]) + tail)
+    return None
 
 
 def _widened_rows(p: Part, r0: int, r1: int, out: np.ndarray | None = None) -> np.ndarray:

@@ -60,13 +60,23 @@ def test_rounded_once_from_float64(data, dtype):
         np.testing.assert_array_max_ulp(narrow, wide.astype(dtype), maxulp=1)
 
 
-def test_a_single_scaled_kernel_is_exactly_the_float64_product_rounded():
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("side", ["output", "input"])
+def test_a_single_scaled_kernel_is_exactly_the_float64_product_rounded(side, dtype):
+    """One part with one scale (a BN folded into the conv before it, or forward into the one after it) is
+    computed by one numpy product: the float64 product rounded once, against a direct numpy product, also
+    for the first rows alone."""
     rng = np.random.default_rng(0)
     w = rng.standard_normal((70, 40, 3, 3)).astype(np.float32)  # several blocks of output channels
-    s = rng.standard_normal(70) * 1e-3
-    got = KernelSum.of(Conv(w, padding=1)).scaled(s).evaluate(np.float32)
-    want = (w.astype(np.float64) * s[:, None, None, None]).astype(np.float32)
-    np.testing.assert_array_equal(got, want)
+    if side == "output":
+        s = rng.standard_normal(70) * 1e-3
+        kernel, factor = KernelSum.of(Conv(w, padding=1)).scaled(s), s[:, None, None, None]
+    else:
+        s = rng.standard_normal(40) * 1e-3
+        kernel, factor = KernelSum.of(Conv(w, padding=1)).scaled_inputs(s), s[None, :, None, None]
+    want = w.astype(np.float64) * factor
+    np.testing.assert_array_equal(kernel.evaluate(dtype), want.astype(dtype))
+    np.testing.assert_array_equal(kernel.evaluate_rows(0, 9), want[:9])
 
 
 def test_writes_into_out_even_when_not_contiguous():
