@@ -25,6 +25,9 @@ from torch import fx
 from .tracing import _PLAIN
 
 _gm = fx.graph_module
+_immutable = fx.immutable_collections
+# a graph argument's sequence types as the code spells them (fx stores a node's lists as immutable_list)
+_SEQUENCES = {tuple: tuple, list: list, _immutable.immutable_list: list}
 _state = threading.local()  # .codes: graph key -> PythonCode; .forwards: source key -> (function, globals)
 
 
@@ -40,10 +43,10 @@ def _arg_key(a: Any) -> Any:
         return (kind, repr(a))  # (0.0 == -0.0, but the code spells them apart)
     if kind in _PLAIN:
         return (kind, a)
-    if kind in (tuple, list):
-        return (kind, tuple(_arg_key(x) for x in a))
-    if kind is dict:
-        return (kind, tuple((k, _arg_key(v)) for k, v in a.items()))
+    if kind in _SEQUENCES:
+        return (_SEQUENCES[kind], tuple(_arg_key(x) for x in a))
+    if kind is dict or kind is _immutable.immutable_dict:  # (a node's kwargs, as fx stores them)
+        return (dict, tuple((k, _arg_key(v)) for k, v in a.items()))
     if kind is slice:
         return (kind, _arg_key(a.start), _arg_key(a.stop), _arg_key(a.step))
     raise _Unshared(kind.__name__)

@@ -512,6 +512,8 @@ def test_identical_graphs_share_their_code_and_keep_their_own_weights():
         gms = [fx.symbolic_trace(m) for m in mods]
     assert fx.Graph.python_code is python_code
     assert type(gms[0]).forward is type(gms[1]).forward
+    # the code was generated once, not again and found equal (fx stores kwargs as an immutable_dict)
+    assert gms[0]._code is gms[1]._code and gms[2]._code is not gms[3]._code
     assert len({type(g).forward for g in gms}) == 3 and "-0.0" in gms[2].code and "-0.0" not in gms[3].code
     for m, g in zip(mods, gms):
         torch.testing.assert_close(g(x), m(x), rtol=0, atol=0)
@@ -529,4 +531,5 @@ def test_children_fused_one_by_one_share_code_and_compute_their_own_values():
     children = [fused.blocks[i] for i in range(3)]
     assert all(isinstance(c, fx.GraphModule) for c in children) and isinstance(fused.odd, fx.GraphModule)
     assert len({type(c).forward for c in children}) == 1 and type(fused.odd).forward is not type(children[0]).forward
+    assert len({id(c._code) for c in children}) == 1  # (generated once)
     assert ops(fused, x)["batch_norm"] == 0
