@@ -1,12 +1,19 @@
-"""Suite-wide setup: ``@pytest.mark.slow`` sweeps run only on demand (``-m slow`` or REPARAM_SLOW=1), and torch
+"""Suite-wide setup: ``@pytest.mark.slow`` sweeps run only on demand (``-m slow`` or REPARAM_SLOW=1), torch
 runs single-threaded (small CPU convs gain nothing from two threads, and on a loaded 2-core machine OpenMP
-spinning makes them 10-100x slower)."""
+spinning makes them 10-100x slower), and Hypothesis draws the same examples on every run (each test's seed
+comes from the test itself), so a run of the suite, CI's included, passes or fails the same way every time;
+REPARAM_HYPOTHESIS=explore draws new examples each run, to look for failures the fixed ones miss."""
 
 from __future__ import annotations
 
 import os
 
 import pytest
+from hypothesis import settings
+
+settings.register_profile("fixed", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("REPARAM_HYPOTHESIS", "fixed"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
