@@ -208,23 +208,37 @@ class _Blocks:
 
 
 def _one_factor(p: Part, r0: int, r1: int) -> np.ndarray | None:
-    """The one float64 factor that rows ``r0:r1`` of ``p``'s weight are multiplied by, broadcast to them, when
-    ``p`` has a single scale (an output scale, or an input scale at one group); else None.  numpy's multiply
-    with a float64 loop then computes each element as the block loop does (widened, one product, rounded
-    once), without a float64 buffer."""
-    w = p.conv.weight
-    tail = (1,) * (w.ndim - 2)
+    """The one float64 factor rows ``r0:r1`` of ``p``'s weight are multiplied by, broadcast to them, when ``p``
+    has a single scale (an output or an input scale); else None.  numpy's multiply with a float64 loop then
+    computes each element as the block loop does (widened, one product, rounded once), without a float64
+    buffer."""
     if p.in_scale is None and p.scale is not None:
-        return p.scale[r0:r1].reshape((-1, 1) + tail)
-    if p.scale is None and p.in_scale is not None and p.conv.groups == 1:
-        return p.in_scale.reshape((1, w.shape[1]) + tail)
+        return _out_factor(p, r0, r1)
+    if p.scale is None and p.in_scale is not None:
+        return _in_factor(p, r0, r1)
     return None
+
+
+def _out_factor(p: Part, r0: int, r1: int) -> np.ndarray:
+    """``p``'s output scale for rows ``r0:r1``, broadcast to them."""
+    return p.scale[r0:r1].reshape((-1,) + (1,) * (p.conv.weight.ndim - 1))
+
+
+def _in_factor(p: Part, r0: int, r1: int) -> np.ndarray:
+    """``p``'s input scale for rows ``r0:r1``, broadcast to them: row ``o`` of a grouped kernel reads the inputs
+    of its group, ``o // (out / groups)``."""
+    w, groups = p.conv.weight, p.conv.groups
+    per, tail = w.shape[1], (1,) * (w.ndim - 2)
+    if groups == 1:
+        return p.in_scale.reshape((1, per) + tail)
+    group = np.arange(r0, r1) // (p.conv.out_channels // groups)
+    return p.in_scale.reshape(groups, per)[group].reshape((r1 - r0, per) + tail)
 
 
 def _widened_rows(p: Part, r0: int, r1: int, out: np.ndarray | None = None) -> np.ndarray:
     """Rows ``r0:r1`` of ``p`` in float64 (into ``out`` if given; without scales, a view of the weight may be
-    returned).  Widened first, then scaled in place: numpy's mixed-type multiply with casting is twice as slow;
-    the input scale is applied before the output scale, in the order the ops run."""
+    returned).  Widened first, then scaled in place, the input scale before the output scale, in the order
+    the ops run."""
     w = p.conv.weight[r0:r1]
     if out is None:
         if p.scale is None and p.in_scale is None:
@@ -232,15 +246,9 @@ def _widened_rows(p: Part, r0: int, r1: int, out: np.ndarray | None = None) -> n
         out = np.empty(w.shape)
     np.copyto(out, w, casting="unsafe")
     if p.in_scale is not None:
-        groups, per = p.conv.groups, w.shape[1]
-        tail = (1,) * (w.ndim - 2)
-        if groups == 1:
-            out *= p.in_scale.reshape((1, per) + tail)
-        else:  # row o reads the inputs of its group, o // (out / groups)
-            group = np.arange(r0, r1) // (p.conv.out_channels // groups)
-            out *= p.in_scale.reshape(groups, per)[group].reshape((r1 - r0, per) + tail)
+        out *= _in_factor(p, r0, r1)
     if p.scale is not None:
-        out *= p.scale[r0:r1].reshape((-1,) + (1,) * (w.ndim - 1))
+        out *= _out_factor(p, r0, r1)
     return out
 
 

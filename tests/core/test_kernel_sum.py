@@ -61,7 +61,7 @@ def test_rounded_once_from_float64(data, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-@pytest.mark.parametrize("side", ["output", "input"])
+@pytest.mark.parametrize("side", ["output", "input", "grouped input"])
 def test_a_single_scaled_kernel_is_exactly_the_float64_product_rounded(side, dtype):
     """One part with one scale (a BN folded into the conv before it, or forward into the one after it) is
     computed by one numpy product: the float64 product rounded once, against a direct numpy product, also
@@ -71,9 +71,13 @@ def test_a_single_scaled_kernel_is_exactly_the_float64_product_rounded(side, dty
     if side == "output":
         s = rng.standard_normal(70) * 1e-3
         kernel, factor = KernelSum.of(Conv(w, padding=1)).scaled(s), s[:, None, None, None]
-    else:
+    elif side == "input":
         s = rng.standard_normal(40) * 1e-3
         kernel, factor = KernelSum.of(Conv(w, padding=1)).scaled_inputs(s), s[None, :, None, None]
+    else:  # 2 groups: outputs 0-34 read inputs 0-39, outputs 35-69 inputs 40-79
+        s = rng.standard_normal(80) * 1e-3
+        kernel = KernelSum.of(Conv(w, padding=1, groups=2)).scaled_inputs(s)
+        factor = s.reshape(2, 1, 40).repeat(35, axis=1).reshape(70, 40)[:, :, None, None]
     want = w.astype(np.float64) * factor
     np.testing.assert_array_equal(kernel.evaluate(dtype), want.astype(dtype))
     np.testing.assert_array_equal(kernel.evaluate_rows(0, 9), want[:9])
