@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Sequence
-from math import gcd
+from math import gcd, prod
 
 import numpy as np
 
@@ -66,6 +66,40 @@ def regroup(conv: Conv, groups: int) -> Conv:
     w = np.zeros((conv.out_channels, conv.weight.shape[1] * (g // groups), *conv.kernel_size), conv.weight.dtype)
     _add_regrouped(w, conv.weight, conv.groups, groups, (slice(None),) * w.ndim)
     return conv.with_(weight=w, groups=groups)
+
+
+_CAST_BLOCK = 262144  # float64 elements of a kernel cast at a time by bias_through (2 MiB, stays in cache)
+
+
+def bias_through(weight: np.ndarray, bias: np.ndarray, groups: int = 1) -> np.ndarray:
+    """What a conv of ``weight`` (bias-free) gives, away from any padding, for a constant input: each input
+    channel ``c`` holding ``bias[c]``.  Output channel ``o`` is the sum over its group's inputs and the taps of
+    ``weight[o, c, ...] * bias[c]``, in float64.
+
+    One BLAS product per block of output channels: a float32 kernel is cast a block at a time into a buffer
+    that stays in cache (numpy's ``sum`` over the taps with ``dtype=float64`` runs one element per inner loop
+    on a 1x1 kernel, ten times slower, and a float64 copy of the whole kernel costs more than the product)."""
+    out, per = weight.shape[:2]
+    taps = prod(weight.shape[2:])
+    og = out // groups
+    vec = np.repeat(np.asarray(bias, np.float64).reshape(groups, per, 1), taps, axis=2).reshape(groups, -1, 1)
+    w = weight.reshape(groups, og, per * taps)
+    if weight.dtype == np.float64:
+        return np.matmul(w, vec).reshape(out)
+    res = np.empty((groups, og))
+    if groups == 1:  # blocks of rows
+        step = max(1, _CAST_BLOCK // (per * taps))
+        buf = np.empty((min(step, og), per * taps))
+        for i in range(0, og, step):
+            j = min(i + step, og)
+            np.copyto(buf[: j - i], w[0, i:j], casting="unsafe")
+            np.matmul(buf[: j - i], vec[0, :, 0], out=res[0, i:j])
+    else:  # blocks of groups
+        step = max(1, _CAST_BLOCK // (og * per * taps))
+        for i in range(0, groups, step):
+            j = min(i + step, groups)
+            res[i:j] = np.matmul(w[i:j].astype(np.float64), vec[i:j])[..., 0]
+    return res.reshape(out)
 
 
 def _window_slices(conv: Conv, start: tuple[int, ...], dilation: tuple[int, ...], kernel: tuple[int, ...]):
@@ -316,9 +350,7 @@ def compose(a: Conv, b: Conv, *, weights: bool = True) -> Conv:
         w[(slice(None), slice(None), slice(None), *sl)] += part
     bias = None
     if a.bias is not None or b.bias is not None:
-        ksum = wb.sum(axis=tuple(range(3, 3 + nd)))  # [g, og, mg]
-        ab = a.bias_or_zeros().reshape(groups, mg)
-        bias = np.einsum("goc,gc->go", ksum, ab).reshape(c3) + b.bias_or_zeros()
+        bias = bias_through(wb.reshape((c3, mg) + b.kernel_size), a.bias_or_zeros(), groups) + b.bias_or_zeros()
     pad = tuple((a.padding[i][0] + sa[i] * b.padding[i][0], a.padding[i][1] + sa[i] * b.padding[i][1])
                 for i in range(nd))
     return Conv(w.reshape((c3, ig, *kern)), bias, stride=tuple(sa[i] * sb[i] for i in range(nd)),
@@ -343,9 +375,7 @@ def _scale_inputs(a: Conv, b: Conv, mode: str) -> Conv:
          * scale.reshape((g, 1, per) + (1,) * b.ndim)).reshape(b.weight.shape)
     bias = b.bias
     if not no_bias:
-        ksum = b.weight.sum(axis=tuple(range(2, b.weight.ndim))).reshape(g, -1, per)
-        pushed = np.einsum("goc,gc->go", ksum, a.bias.reshape(g, per)).reshape(-1)
-        bias = pushed + (0 if bias is None else bias)
+        bias = bias_through(b.weight, a.bias, g) + (0 if bias is None else bias)
     return b.with_(weight=w, bias=bias, padding_mode=mode)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .conv_algebra import _is_channel_scale, avgpool_conv, compose, identity, pad_conv, reach
+from .conv_algebra import _is_channel_scale, avgpool_conv, bias_through, compose, identity, pad_conv, reach
 from .errors import NotFusable, ReparamError
 from .kernel_sum import KernelSum, sum_kernels
 from .precision import cast_conv, conv64, f64
@@ -359,13 +359,21 @@ class _Planner:
                 raise NotFusable(
                     f"the conv pads {b.padding} with zeros but its input carries a bias (max |b| "
                     f"{np.abs(v.bias).max():.3g}) that the padded border would not see")
-            g = b.groups
-            ksum = b.weight.sum(axis=tuple(range(2, b.weight.ndim)), dtype=np.float64)  # [out, in/g]
-            pushed = np.einsum("goc,gc->go", ksum.reshape(g, -1, ksum.shape[1]), v.bias.reshape(g, -1))
-            bias = pushed.reshape(-1) + (0 if bias is None else bias)
+            bias = self._pushed(b, v.bias, key) + (0 if bias is None else bias)
         out = _Value(terms, bias, b.out_channels, b.ndim, v.priced or only_priced, v.convs + (key is not None))
         self.op_cost[self.current] = (float(own_cost), float(prod(b.stride)))
         return out
+
+    def _pushed(self, b: Conv, bias: np.ndarray, key: str | None) -> np.ndarray:
+        """``bias`` (the input's per-channel constant) through ``b``'s kernel; a graph node's is kept across
+        passes for the same input bias (each pass pushes it again, a product over the whole kernel)."""
+        if key is None:
+            return bias_through(b.weight, bias, b.groups)
+        memo_key = ("pushed", key, bias.tobytes())
+        pushed = self.memo.get(memo_key)
+        if pushed is None:
+            pushed = self.memo[memo_key] = bias_through(b.weight, bias, b.groups)
+        return pushed
 
     def _own_kernel(self, b: Conv, key: str | None) -> KernelSum:
         """``b``'s kernel as a source reads it (bias-free), kept across passes for a graph node's op."""

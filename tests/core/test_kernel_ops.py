@@ -1,13 +1,15 @@
-"""pad_kernel, regroup, avgpool_to_conv and pad_to_conv: same function, different conv."""
+"""pad_kernel, regroup, avgpool_to_conv and pad_to_conv: same function, different conv; bias_through."""
 
 from __future__ import annotations
+
+from unittest import mock
 
 import numpy as np
 from core_helpers import ALL_DTYPES, FAST, check_fused, min_len
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reparam.core import AvgPool, Conv, Pad, avgpool_to_conv, pad_kernel, pad_to_conv, regroup
+from reparam.core import AvgPool, Conv, Pad, avgpool_to_conv, conv_algebra, pad_kernel, pad_to_conv, regroup
 from reparam.testing import reference as ref
 from reparam.testing import strategies as rs
 
@@ -114,3 +116,23 @@ def test_pad_to_conv(data, mode):
     assert conv.padding_mode == ("zeros" if mode == "constant" else mode)
     x = _inputs(data, conv)
     assert np.array_equal(ref.run_conv(conv, x), ref.pad(x, op))
+
+
+@FAST
+@given(data=st.data(), dtype=st.sampled_from(ALL_DTYPES), block=st.sampled_from([1, 7, 64, 262144]))
+def test_bias_through_is_the_conv_of_a_constant_input(data, dtype, block):
+    """A conv's output for an input holding one constant per channel, away from padding, is what the direct
+    numpy convolution of that constant image gives, in every dtype, group count and block size."""
+    nd = data.draw(st.integers(0, 3), label="ndim")
+    groups = data.draw(st.integers(1, 4), label="groups")
+    og, per = data.draw(st.integers(1, 5), label="og"), data.draw(st.integers(1, 5), label="per")
+    kernel = data.draw(st.tuples(*[st.integers(1, 3)] * nd), label="kernel")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    weight = rng.standard_normal((groups * og, per, *kernel)).astype(dtype)
+    bias = rng.standard_normal(groups * per)
+    image = np.broadcast_to(bias.reshape((1, -1) + (1,) * nd), (1, groups * per, *kernel))
+    expected = ref.conv_nd(image, weight, groups=groups).reshape(-1)
+    with mock.patch.object(conv_algebra, "_CAST_BLOCK", block):
+        got = conv_algebra.bias_through(weight, bias, groups)
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
