@@ -152,11 +152,16 @@ def infer_ranks(ws: Workspace) -> dict[fx.Node, int]:
     """The rank of every value whose rank the graph decides (shape-propagated ranks win when present)."""
     r = _Ranks()
     nodes = list(ws.graph.nodes)
-    for _ in range(6):  # later sweeps carry ranks found late (by a later BN) back through rank-changing ops
+    for node in nodes:
+        _rank_facts(node, ws, r)
+    # later sweeps carry ranks found late (by a later BN) back through rank-changing ops; the other facts
+    # hold whatever else is known, so the first sweep has recorded them all
+    conditional = [n for n in nodes if _conditional(n)]
+    for _ in range(5):
         known = len(r.rank)
-        for node in nodes:
+        for node in conditional:
             _rank_facts(node, ws, r)
-        if len(r.rank) == known and _:
+        if len(r.rank) == known:
             break
     out = {}
     for node in nodes:
@@ -288,11 +293,24 @@ def _rank_facts(node: fx.Node, ws: Workspace, r: _Ranks, shapes: bool = True) ->
             r.union(node.args[1], node)
         elif name in _REDUCTIONS:
             _reduction(node, r)
-    if node.op == "call_function" and node.target in (torch.mean, torch.sum, torch.amax) and x is not None:
+    if node.op == "call_function" and node.target in _REDUCTION_FUNCS and x is not None:
         _reduction(node, r)
 
 
 _REDUCTIONS = {"mean", "sum", "amax", "amin"}
+_REDUCTION_FUNCS = (torch.mean, torch.sum, torch.amax)
+
+
+def _conditional(node: fx.Node) -> bool:
+    """``node``'s rank fact depends on ranks known so far (a sum of two tensors, a flatten of some dims, a
+    reduction): :func:`_rank_facts` may find more on a later sweep; every other fact is found on the first."""
+    if node.op == "call_function":
+        fn = node.target
+        return fn in _ELEMENTWISE or fn is torch.flatten or fn in _REDUCTION_FUNCS
+    if node.op == "call_method":
+        name = node.target
+        return name in _ELEMENTWISE_METHODS or name == "flatten" or name in _REDUCTIONS
+    return False
 
 
 def _reduction(node: fx.Node, r: _Ranks) -> None:

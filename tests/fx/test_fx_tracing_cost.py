@@ -533,3 +533,38 @@ def test_children_fused_one_by_one_share_code_and_compute_their_own_values():
     assert len({type(c).forward for c in children}) == 1 and type(fused.odd).forward is not type(children[0]).forward
     assert len({id(c._code) for c in children}) == 1  # (generated once)
     assert ops(fused, x)["batch_norm"] == 0
+
+
+class LateRank(nn.Module):
+    """Ranks fixed only by a BN further down (a flatten, a mean and a sum of two values read before it), and a
+    per-channel constant whose output rank a later BN fixes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn, self.bn1 = nn.BatchNorm2d(C), nn.BatchNorm1d(C)
+        self.register_buffer("k", torch.rand(C, 1, 1))
+
+    def forward(self, x, y):
+        f = torch.flatten(x, 2, 3)
+        m = x.mean(3)
+        s = (m + y.amax(2)).sum(-1)  # y's rank: only once the BN of w, after it, has fixed w's
+        w = y * self.k
+        return self.bn(x), self.bn1(f), self.bn1(m), s, self.bn(w)
+
+
+def test_ranks_found_on_later_sweeps_are_the_ranks_the_graph_runs_with():
+    """The ranks inferred without shapes (later sweeps only revisit the facts that depend on known ranks)
+    are the ranks every value has when the traced graph runs (fx's shape propagation)."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    from reparam.fx.facts import fold_constants, infer_ranks
+
+    ws = trace(LateRank().eval())
+    fold_constants(ws)
+    ranks = {n.name: r for n, r in infer_ranks(ws).items()}
+    gm = fx.GraphModule(ws.root, ws.graph)
+    ShapeProp(gm).propagate(torch.rand(2, C, 4, 4), torch.rand(2, C, 4, 4))
+    actual = {n.name: len(n.meta["tensor_meta"].shape) for n in gm.graph.nodes
+              if isinstance(n.meta.get("tensor_meta"), fx.passes.shape_prop.TensorMetadata)}
+    assert {"flatten", "mean", "amax", "add", "sum_1", "mul", "y"} <= ranks.keys()
+    assert {k: actual[k] for k in ranks if k in actual} == {k: ranks[k] for k in ranks if k in actual}
