@@ -152,11 +152,9 @@ def infer_ranks(ws: Workspace) -> dict[fx.Node, int]:
     """The rank of every value whose rank the graph decides (shape-propagated ranks win when present)."""
     r = _Ranks()
     nodes = list(ws.graph.nodes)
-    for node in nodes:
-        _rank_facts(node, ws, r)
-    # later sweeps carry ranks found late (by a later BN) back through rank-changing ops; the other facts
-    # hold whatever else is known, so the first sweep has recorded them all
-    conditional = [n for n in nodes if _conditional(n)]
+    # later sweeps carry ranks found late (by a later BN) back through rank-changing ops: only the facts
+    # that read ranks known so far can add anything; the first sweep has recorded all the others
+    conditional = [n for n in nodes if _rank_facts(n, ws, r)]
     for _ in range(5):
         known = len(r.rank)
         for node in conditional:
@@ -233,7 +231,9 @@ _RANK_CHANGING_INPLACE = {"unsqueeze_", "squeeze_", "resize_", "resize_as_", "as
                           "transpose_", "swapdims_", "swapaxes_"}
 
 
-def _rank_facts(node: fx.Node, ws: Workspace, r: _Ranks, shapes: bool = True) -> None:
+def _rank_facts(node: fx.Node, ws: Workspace, r: _Ranks, shapes: bool = True) -> bool:
+    """Record what ``node`` says of ranks; True when that read ranks known so far (a sum of two tensors, a
+    flatten of some dims, a reduction), so that a later sweep may find more."""
     shape = meta_shape(node) if shapes else None
     if shape is not None:
         r.fix(node, len(shape))
@@ -241,7 +241,7 @@ def _rank_facts(node: fx.Node, ws: Workspace, r: _Ranks, shapes: bool = True) ->
     if node.op == "call_module":
         m = ws.get_submodule(node.target)
         if x is None or len(node.args) != 1:
-            return
+            return False
         if isinstance(m, _KEEP_RANK_MODULES) and type(m) is not nn.Flatten:
             r.union(x, node)
         if isinstance(m, nn.BatchNorm2d):  # BatchNorm1d takes 2-D and 3-D input: no fact
@@ -250,15 +250,17 @@ def _rank_facts(node: fx.Node, ws: Workspace, r: _Ranks, shapes: bool = True) ->
             r.fix(x, 5)
         elif isinstance(m, nn.Flatten) and m.end_dim == -1 and m.start_dim >= 0:
             r.fix(node, m.start_dim + 1)
-        return
+        return False
     if node.op == "call_function":
         fn = node.target
         if fn in _KEEP_RANK_FUNCS and x is not None:
             r.union(x, node)
         elif fn in _ELEMENTWISE and len(node.args) == 2:
             _elementwise(node, r)
+            return True
         elif fn is torch.flatten and x is not None:
             _flatten(node, r, _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))
+            return True
         elif fn is torch._assert and node.args and isinstance(node.args[0], fx.Node):
             _assert_rank(node.args[0], r)
         elif fn in (torch.cat, torch.concat) and node.args and isinstance(node.args[0], (list, tuple)):
@@ -271,15 +273,17 @@ def _rank_facts(node: fx.Node, ws: Workspace, r: _Ranks, shapes: bool = True) ->
             r.union(x, node)
         elif fn is operator.getitem and x is not None and isinstance(node.args[1], int) and _splits(x):
             r.union(x.args[0], node)  # a piece of a split keeps the rank of what was split
-        return
+        return False
     if node.op == "call_method" and x is not None:
         name = node.target
         if name in _KEEP_RANK_METHODS or name in ("transpose", "swapaxes", "masked_fill"):
             r.union(x, node)
         elif name in _ELEMENTWISE_METHODS and len(node.args) == 2:
             _elementwise(node, r)
+            return True
         elif name == "flatten":
             _flatten(node, r, _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))
+            return True
         elif name in ("view", "reshape") and len(node.args) >= 2:
             dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
             if not (len(dims) == 1 and isinstance(dims[0], fx.Node)):  # view(other.shape): a size object
@@ -293,24 +297,14 @@ def _rank_facts(node: fx.Node, ws: Workspace, r: _Ranks, shapes: bool = True) ->
             r.union(node.args[1], node)
         elif name in _REDUCTIONS:
             _reduction(node, r)
-    if node.op == "call_function" and node.target in _REDUCTION_FUNCS and x is not None:
+            return True
+    if node.op == "call_function" and node.target in (torch.mean, torch.sum, torch.amax) and x is not None:
         _reduction(node, r)
+        return True
+    return False
 
 
 _REDUCTIONS = {"mean", "sum", "amax", "amin"}
-_REDUCTION_FUNCS = (torch.mean, torch.sum, torch.amax)
-
-
-def _conditional(node: fx.Node) -> bool:
-    """``node``'s rank fact depends on ranks known so far (a sum of two tensors, a flatten of some dims, a
-    reduction): :func:`_rank_facts` may find more on a later sweep; every other fact is found on the first."""
-    if node.op == "call_function":
-        fn = node.target
-        return fn in _ELEMENTWISE or fn is torch.flatten or fn in _REDUCTION_FUNCS
-    if node.op == "call_method":
-        name = node.target
-        return name in _ELEMENTWISE_METHODS or name == "flatten" or name in _REDUCTIONS
-    return False
 
 
 def _reduction(node: fx.Node, r: _Ranks) -> None:

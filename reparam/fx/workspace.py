@@ -20,18 +20,7 @@ def attr_at(root: nn.Module, target: str) -> Any:
     """The module, parameter or buffer at a dotted path (an fx ``get_attr``/``call_module`` target)."""
     obj: Any = root
     for part in target.split("."):
-        kind = type(obj)
-        own = vars(obj) if isinstance(obj, nn.Module) and kind.__getattr__ is nn.Module.__getattr__ else None
-        if own is not None and part not in own and not hasattr(kind, part):
-            # what nn.Module.__getattr__ finds, read from its tables (not through the tracing session's hook)
-            for table in (own["_parameters"], own["_buffers"], own["_modules"]):
-                if part in table:
-                    obj = table[part]
-                    break
-            else:
-                obj = getattr(obj, part)
-        else:
-            obj = getattr(obj, part)
+        obj = getattr(obj, part)
     return obj
 
 
